@@ -1,0 +1,6 @@
+"""flash_moe: run Mixture-of-Experts LLMs larger than memory by streaming the active experts from SSD."""
+
+from .load import LoadedModel, load
+
+__all__ = ["load", "LoadedModel"]
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""Read a Hugging Face (or mlx-community) safetensors checkpoint into the resident model.
+
+Every tensor is checked against the model: a missing, unexpected or misshaped tensor is a
+``CheckpointError`` naming the tensor and the file it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .experts import ResidentExperts
+from .model import Model, ModelArgs, sanitize
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (is {folder} a model folder?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != "resident.safetensors"] or files
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    return files
+
+
+def read_tensors(files: list[Path]) -> tuple[dict, dict]:
+    """Lazily map every tensor; returns (key -> array, key -> file name)."""
+    weights, where = {}, {}
+    for f in files:
+        try:
+            tensors = mx.load(str(f))
+        except Exception as e:  # mx.load raises a bare RuntimeError/ValueError on a bad header
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+        for k, v in tensors.items():
+            weights[k], where[k] = v, f.name
+    return weights, where
+
+
+def quantization_of(config: dict) -> dict | None:
+    return config.get("quantization") or None
+
+
+def build_model(args: ModelArgs, quant: dict | None, names: set[str], experts_factory=None) -> Model:
+    """The module tree, quantized where the checkpoint holds ``.scales`` (mlx-community style)."""
+    if experts_factory is None:
+        def experts_factory(layer):
+            prefix = f"model.layers.{layer}.mlp.experts.gate_proj"
+            q = _layer_quant(quant, prefix) if f"{prefix}.scales" in names else None
+            bits, gs = (q["bits"], q["group_size"]) if q else (16, 64)
+            return ResidentExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size, bits, gs)
+
+    model = Model(args, experts_factory)
+    if quant:
+        def predicate(path, module):
+            if f"{path}.scales" not in names or not hasattr(module, "to_quantized"):
+                return False
+            q = _layer_quant(quant, path)
+            return {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+
+        nn.quantize(model, class_predicate=predicate)
+    return model
+
+
+def _layer_quant(quant: dict, path: str) -> dict:
+    """Per-layer override (mlx-community writes e.g. ``"...mlp.gate": {"bits": 8}``) or the default."""
+    for key in (path, "language_model." + path, path.replace("model.", "model.language_model.", 1)):
+        if isinstance(quant.get(key), dict):
+            return {**quant, **quant[key]}
+    return quant
+
+
+def load_weights(model: Model, weights: dict, origin: dict, where: dict, folder: Path, dtype=None) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        src = origin.get(name, name)
+        file = where.get(src, where.get(src.replace("{e}", "0"), "?"))
+        if name not in expected:
+            raise CheckpointError(f"{folder / file}: unexpected tensor {src!r} (as {name!r}); not part of this model")
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{folder / file}: tensor {src!r} has shape {tuple(w.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        files = ", ".join(sorted(set(where.values())))
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing from {files}{more}")
+    if dtype is not None:
+        weights = {
+            k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v)
+            for k, v in weights.items()
+        }
+    model.update(tree_unflatten(list(weights.items())))
+
+
+def load_checkpoint(folder: str | Path, dtype=None, experts_factory=None) -> tuple[Model, dict]:
+    """A Hugging Face or mlx-community checkpoint folder -> (resident Model, config dict)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    try:
+        args = ModelArgs.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    raw, where = read_tensors(safetensors_files(folder))
+    quant = quantization_of(config)
+    hf = quant is None and not any(k.startswith("language_model.") for k in raw)  # mlx-community stores 1+w
+    try:
+        weights, origin = sanitize(raw, args, hf_norms=hf)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    model = build_model(args, quant, set(weights), experts_factory)
+    load_weights(model, weights, origin, where, folder, dtype)
+    mx.eval(model.parameters())
+    return model, config

@@ -1,0 +1,69 @@
+"""Routed experts held in memory: stacked (E, out, in) weights, float or affine-quantized.
+
+This is the provider for small models and the reference the streamed experts are tested
+against; ``StreamingExperts`` (streaming.py) has the same call but reads its weights from SSD.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def switch_glu(x, inds, proj, scores, sort: bool = False):
+    """Sum_k scores[n, k] * down(silu(gate x_n) * up x_n) with expert ``inds[n, k]``.
+
+    ``proj(name, h, inds, sorted_indices)`` applies one stacked projection to rows h gathered by inds.
+    """
+    N, K = inds.shape
+    h = x[:, None, None, :]  # [N, 1, 1, D]
+    idx = inds
+    if sort:  # group rows by expert so each expert's weights are read once (prefill)
+        flat = inds.flatten()
+        order = mx.argsort(flat)
+        inv = mx.argsort(order)
+        h = x[order // K][:, None, :]  # [N*K, 1, D]
+        idx = flat[order]
+    g = proj("gate_proj", h, idx, sort)
+    u = proj("up_proj", h, idx, sort)
+    y = proj("down_proj", nn.silu(g) * u, idx, sort)  # [N, K, 1, D] or [N*K, 1, D]
+    if sort:
+        y = y[inv].reshape(N, K, -1)
+    else:
+        y = y.squeeze(-2)
+    return (y * scores[..., None]).sum(axis=-2)
+
+
+class StackedLinear(nn.Module):
+    """One projection of all experts: weight (E, out, in), or packed uint32 + scales + biases."""
+
+    def __init__(self, num_experts, in_dim, out_dim, bits=16, group_size=64):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        if bits == 16:
+            self.weight = mx.zeros((num_experts, out_dim, in_dim))
+        else:
+            self.weight = mx.zeros((num_experts, out_dim, in_dim * bits // 32), mx.uint32)
+            self.scales = mx.zeros((num_experts, out_dim, in_dim // group_size))
+            self.biases = mx.zeros((num_experts, out_dim, in_dim // group_size))
+
+    def __call__(self, h, inds, sorted_indices=False):
+        if self.bits == 16:
+            return mx.gather_mm(h, self.weight.swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_indices)
+        return mx.gather_qmm(
+            h, self.weight, self.scales, self.biases, rhs_indices=inds, transpose=True,
+            group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices,
+        )
+
+
+class ResidentExperts(nn.Module):
+    def __init__(self, num_experts, hidden, intermediate, bits=16, group_size=64):
+        super().__init__()
+        self.gate_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
+        self.up_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
+        self.down_proj = StackedLinear(num_experts, intermediate, hidden, bits, group_size)
+
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+        proj = lambda name, h, idx, s: getattr(self, name)(h, idx, s)
+        return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
+

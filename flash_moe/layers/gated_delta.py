@@ -1,0 +1,97 @@
+"""GatedDeltaNet linear attention (Qwen3.5's 3-of-4 layers).
+
+Per token and value head: S <- g*S; delta = beta*(v - S k); S <- S + delta k^T; y = S q,
+with a causal depthwise conv (+SiLU) over q, k, v, l2-normalised q/k and a gated RMSNorm on y.
+The recurrent state is fp32, laid out (B, Hv, Dv, Dk) as ``mx.fast.gated_delta_update`` keeps it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mx.fast.gated_delta_update runs the whole sequence in one primitive (no Python loop over tokens);
+# FLASH_MOE_GDN=ops selects the reference recurrence, used by tests to cross-check it.
+USE_FAST = os.environ.get("FLASH_MOE_GDN", "fast") != "ops"
+
+
+def gated_delta_ops(q, k, v, g, beta, state=None):
+    """Reference recurrence. q, k (B, T, Hk, Dk); v (B, T, Hv, Dv); g, beta (B, T, Hv)."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    if state is None:
+        state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+    if Hv != Hk:  # value head h reads key head h // (Hv // Hk)
+        q = mx.repeat(q, Hv // Hk, axis=2)
+        k = mx.repeat(k, Hv // Hk, axis=2)
+    ys = []
+    for t in range(T):
+        qt, kt, vt = (a[:, t].astype(mx.float32) for a in (q, k, v))  # [B, Hv, D*]
+        state = state * g[:, t, :, None, None]
+        kv = (state * kt[:, :, None, :]).sum(-1)  # [B, Hv, Dv]
+        delta = (vt - kv) * beta[:, t, :, None]
+        state = state + delta[..., None] * kt[:, :, None, :]
+        ys.append((state * qt[:, :, None, :]).sum(-1))
+    return mx.stack(ys, axis=1).astype(q.dtype), state
+
+
+def gated_delta(q, k, v, g, beta, state=None):
+    if USE_FAST:
+        y, state = mx.fast.gated_delta_update(q, k, v, g, beta, initial_state=state)
+        return y, state
+    return gated_delta_ops(q, k, v, g, beta, state)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.Hk, self.Hv = args.linear_num_key_heads, args.linear_num_value_heads
+        self.Dk, self.Dv = args.linear_key_head_dim, args.linear_value_head_dim
+        self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = args.linear_conv_kernel_dim
+        D = args.hidden_size
+
+        self.in_proj_qkv = nn.Linear(D, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(D, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(D, self.Hv, bias=False)
+        self.in_proj_a = nn.Linear(D, self.Hv, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = mx.ones((self.Hv,))
+        self.A_log = mx.zeros((self.Hv,))
+        self.norm = nn.RMSNorm(self.Dv, eps=args.rms_norm_eps)  # gated RMSNorm, one weight for all heads
+        self.out_proj = nn.Linear(self.value_dim, D, bias=False)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        qkv = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).reshape(B, L, self.Hv, self.Dv)
+        b, a = self.in_proj_b(x), self.in_proj_a(x)
+
+        conv_state = cache[0] if cache is not None else None
+        if conv_state is None:
+            conv_state = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
+        padded = mx.concatenate([conv_state, qkv], axis=1)
+        if cache is not None:
+            cache[0] = padded[:, -(self.kernel - 1) :]
+        qkv = nn.silu(self.conv1d(padded))  # [B, L, conv_dim]
+
+        q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
+        # l2norm(x) = rms_norm(x, eps/D) / sqrt(D); q also takes the 1/sqrt(Dk) readout scale.
+        eps = 1e-6 / self.Dk
+        q = mx.fast.rms_norm(q.reshape(B, L, self.Hk, self.Dk), None, eps) * (self.Dk**-1.0)
+        k = mx.fast.rms_norm(k.reshape(B, L, self.Hk, self.Dk), None, eps) * (self.Dk**-0.5)
+        v = v.reshape(B, L, self.Hv, self.Dv)
+
+        beta = mx.sigmoid(b)
+        g = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias))
+        state = cache[1] if cache is not None else None
+        y, state = gated_delta(q, k, v, g, beta, state)
+        if cache is not None:
+            cache[1] = state
+            cache.offset += L
+
+        y = (self.norm(y).astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+        return self.out_proj(y.reshape(B, L, -1))

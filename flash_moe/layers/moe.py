@@ -1,0 +1,52 @@
+"""The MoE block: softmax router, top-k, routed experts from an injected provider, gated shared expert.
+
+The block does not know where expert weights live: ``experts`` is any callable
+``experts(x [N, D], inds [N, K], scores [N, K]) -> [N, D]`` returning the score-weighted sum
+of the chosen experts (resident arrays, or bytes streamed from SSD).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
+    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(probs, inds, axis=-1)
+    if normalize:
+        scores = scores / scores.sum(axis=-1, keepdims=True)
+    return inds.astype(mx.int32), scores
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, args, experts: nn.Module):
+        super().__init__()
+        D = args.hidden_size
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = nn.Linear(D, args.num_experts, bias=False)
+        self.experts = experts
+        self.shared_expert = MLP(D, args.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        inds, scores = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K]
+        y = self.experts(x, inds, scores.astype(x.dtype))
+        y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape)

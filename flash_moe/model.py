@@ -1,0 +1,248 @@
+"""Qwen3.5-MoE (and Qwen3-Next) text model in MLX: math only.
+
+Reads like mlx-lm's model files: ``ModelArgs`` from the Hugging Face config.json, plain modules,
+``sanitize`` for checkpoint names. Routed experts come from ``experts_factory(layer)``; the model
+does not know whether their bytes are in memory or on disk.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import ArraysCache, KVCache
+from .experts import ResidentExperts
+from .layers.attention import Attention
+from .layers.gated_delta import GatedDeltaNet
+from .layers.moe import MLP, SparseMoeBlock
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    rope_theta: float = 1e7
+    partial_rotary_factor: float = 0.25
+    norm_topk_prob: bool = True
+    full_attention_interval: int = 4
+    layer_types: list[str] | None = None
+    tie_word_embeddings: bool = False
+    intermediate_size: int | None = None  # dense MLP of Qwen3-Next's mlp_only_layers
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not self.layer_types:
+            self.layer_types = [
+                "full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """From a Hugging Face config.json (nested ``text_config`` for the multimodal release)."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.json: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        text = dict(config.get("text_config") or {}) if model_type == "qwen3_5_moe" else dict(config)
+        if model_type == "qwen3_5_moe":
+            text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+            text.setdefault("eos_token_id", config.get("eos_token_id"))
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        text.setdefault("rope_theta", rope.get("rope_theta", 1e7 if model_type != "qwen3_next" else 5e6))
+        text.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
+        if text.get("full_attention_interval") is None:
+            text.pop("full_attention_interval", None)
+        if text.get("mlp_only_layers") is None:
+            text.pop("mlp_only_layers", None)
+        text["model_type"] = model_type
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in text.items() if k in names})
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
+
+    def is_moe(self, layer: int) -> bool:
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, experts: nn.Module | None):
+        super().__init__()
+        self.is_linear = args.is_linear(layer)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(args)
+        else:
+            self.self_attn = Attention(args)
+        if experts is not None:
+            self.mlp = SparseMoeBlock(args, experts)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, args: ModelArgs, experts_factory: Callable[[int], nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            DecoderLayer(args, i, experts_factory(i) if args.is_moe(i) else None)
+            for i in range(args.num_hidden_layers)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, experts_factory: Callable[[int], nn.Module] | None = None):
+        super().__init__()
+        self.args = args
+        if experts_factory is None:
+            experts_factory = lambda layer: ResidentExperts(
+                args.num_experts, args.hidden_size, args.moe_intermediate_size
+            )
+        self.model = TextModel(args, experts_factory)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        return [ArraysCache(2) if layer.is_linear else KVCache() for layer in self.layers]
+
+
+# ---- checkpoint names -> module names -------------------------------------------------------
+
+ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
+
+
+def _rename(key: str) -> str | None:
+    """Map one checkpoint key to this model's naming; None drops it (vision tower, MTP head)."""
+    for prefix in ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "mtp.", "model.mtp."):
+        if key.startswith(prefix):
+            return None
+    for old, new in (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ):
+        if key.startswith(old):
+            key = new + key[len(old) :]
+    return key.replace(".mlp.switch_mlp.", ".mlp.experts.")
+
+
+def _ungroup_qwen3_next(weights: dict, args: ModelArgs, origin: dict) -> None:
+    """Qwen3-Next groups in_proj_qkvz / in_proj_ba rows per key head: split them into Qwen3.5's
+    separate in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (a row permutation, exact for any dtype)."""
+    Hk, Hv, Dk, Dv = (args.linear_num_key_heads, args.linear_num_value_heads,
+                      args.linear_key_head_dim, args.linear_value_head_dim)
+    r = Hv // Hk
+    for key in [k for k in weights if ".in_proj_qkvz." in k or ".in_proj_ba." in k]:
+        w = weights.pop(key)
+        src = origin.pop(key)
+        head, suffix = key.split(".in_proj_")
+        suffix = suffix.split(".", 1)[1]
+        g = w.reshape(Hk, -1, w.shape[-1])
+        if ".in_proj_qkvz." in key:
+            q, k, v, z = mx.split(g, [Dk, 2 * Dk, 2 * Dk + r * Dv], axis=1)
+            parts = {"qkv": mx.concatenate([a.reshape(-1, w.shape[-1]) for a in (q, k, v)]), "z": z.reshape(-1, w.shape[-1])}
+        else:
+            b, a = mx.split(g, [r], axis=1)
+            parts = {"b": b.reshape(-1, w.shape[-1]), "a": a.reshape(-1, w.shape[-1])}
+        for name, part in parts.items():
+            weights[f"{head}.in_proj_{name}.{suffix}"] = part
+            origin[f"{head}.in_proj_{name}.{suffix}"] = src
+
+
+def sanitize(weights: dict, args: ModelArgs, hf_norms: bool = True) -> tuple[dict, dict]:
+    """Hugging Face (or mlx-community) checkpoint tensors -> this model's parameters.
+
+    Returns (weights, origin) where origin maps each new name to the checkpoint key it came from.
+    ``hf_norms``: the checkpoint stores zero-centred RMSNorm weights (HF) that need the +1.
+    """
+    out, origin, experts = {}, {}, {}
+    for key, w in weights.items():
+        new = _rename(key)
+        if new is None:
+            continue
+        if ".mlp.experts." in new and not new.split(".mlp.experts.")[1].split(".")[0] in ("gate_proj", "up_proj", "down_proj"):
+            rest = new.split(".mlp.experts.")[1]
+            if rest.split(".")[0].isdigit():  # per-expert keys: mlp.experts.{e}.gate_proj.weight
+                e, tail = rest.split(".", 1)
+                experts.setdefault(new.split(".mlp.experts.")[0] + ".mlp.experts." + tail, {})[int(e)] = (w, key)
+                continue
+            if rest == "gate_up_proj":  # fused release layout: (E, 2I, D), gate rows first
+                base = new.rsplit(".", 1)[0]
+                I = w.shape[1] // 2
+                for name, part in (("gate_proj", w[:, :I]), ("up_proj", w[:, I:])):
+                    out[f"{base}.{name}.weight"], origin[f"{base}.{name}.weight"] = part, key
+                continue
+            if rest == "down_proj":
+                new = new + ".weight"
+        out[new], origin[new] = w, key
+    for new, parts in experts.items():
+        ids = sorted(parts)
+        if ids != list(range(len(ids))):
+            missing = sorted(set(range(max(ids) + 1)) - set(ids))
+            raise ValueError(f"{new}: per-expert tensors for experts {missing} are missing")
+        out[new] = mx.stack([parts[e][0] for e in ids])
+        origin[new] = parts[ids[0]][1].replace(".0.", ".{e}.", 1)
+    if args.model_type == "qwen3_next":
+        _ungroup_qwen3_next(out, args, origin)
+    for key in list(out):
+        w = out[key]
+        if key.endswith("conv1d.weight") and w.ndim == 3 and w.shape[-1] != 1:
+            out[key] = w.swapaxes(1, 2)  # HF (C, 1, k) -> MLX (C, k, 1)
+        elif hf_norms and (key.endswith(ZERO_CENTRED_NORMS) or key == "model.norm.weight"):
+            out[key] = w + 1.0
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out, origin
