@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, build_model, load_checkpoint, load_weights, read_config, read_tensors
+from .layout import ModelLayout
 from .model import Model, ModelArgs
 
 
@@ -65,19 +67,84 @@ class LoadedModel:
                 f"{a.num_experts} experts top-{a.num_experts_per_tok}, {kind} experts, from {self.path})")
 
 
-def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None) -> LoadedModel:
+def check_layout(layout: ModelLayout, args: ModelArgs, folder: Path) -> None:
+    """layout.json must describe the experts config.json says the model has."""
+    e = layout.expert
+    want = {
+        "hidden": (e.hidden, args.hidden_size),
+        "intermediate": (e.intermediate, args.moe_intermediate_size),
+        "num_experts": (layout.num_experts, args.num_experts),
+        "moe layers": (layout.moe_layers, [i for i in range(args.num_hidden_layers) if args.is_moe(i)]),
+    }
+    bad = [f"{k} {a} vs {b}" for k, (a, b) in want.items() if a != b]
+    if bad:
+        raise CheckpointError(f"{folder / 'layout.json'} disagrees with config.json: " + "; ".join(bad))
+
+
+def read_packed_experts(path: Path, layout: ModelLayout, layer: int) -> dict:
+    """All experts of one layer file as stacked arrays (for ``stream=False``: small models, tests)."""
+    e = layout.expert
+    raw = np.fromfile(path / layout.layer_file(layer), np.uint8).reshape(layout.num_experts, e.stride)
+    out = {}
+    for t in e.tensors:
+        storage = {"bfloat16": np.uint16}.get(t.dtype, t.dtype)
+        a = np.ascontiguousarray(raw[:, t.offset : t.offset + t.nbytes]).view(storage).reshape(-1, *t.shape)
+        a = mx.array(a)
+        out[f"model.layers.{layer}.mlp.experts.{t.name}"] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
+    return out
+
+
+def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True) -> LoadedModel:
+    """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
+    (or, with ``stream=False``, all read into memory once)."""
+    from .experts import ResidentExperts
+    from .store import ExpertStore
+    from .streaming import StreamingExperts
+
+    config = read_config(path)
+    args = ModelArgs.from_config(config)
+    layout = ModelLayout.read(path)
+    check_layout(layout, args, path)
+    resident = path / "resident.safetensors"
+    if not resident.exists():
+        raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
+    weights, where = read_tensors([resident])
+    e, store = layout.expert, None
+    if stream:
+        capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
+        store = ExpertStore(path, layout, capacity=capacity, threads=threads)
+        factory = lambda layer: StreamingExperts(store, layer)
+    else:
+        for layer in layout.moe_layers:
+            weights.update(read_packed_experts(path, layout, layer))
+        factory = lambda layer: ResidentExperts(args.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
+    model = build_model(args, config.get("quantization"), set(weights), factory)
+    load_weights(model, weights, {k: k for k in weights}, where, path, dtype)
+    mx.eval(model.parameters())
+    return LoadedModel(model, config, path, store)
+
+
+def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
+         slots: int | None = None, threads: int = 8, stream: bool = True) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
         path_or_repo: local folder.
         dtype: compute dtype for floating weights (``"float32"``, ``"bfloat16"``, ...); None keeps the stored one.
         experts_per_token: route to this many experts instead of the config's ``num_experts_per_tok``.
+        slots: experts one read can hold (streamed models); more distinct experts in a prompt chunk are
+            read in groups. Default: max(32, 2 K), at most the expert count.
+        threads: reader threads of the ExpertStore.
+        stream: for a converted folder, False reads every expert into memory once instead of per token.
     """
     path = Path(path_or_repo).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model folder")
-    model, config = load_checkpoint(path, dtype=_dtype(dtype))
-    loaded = LoadedModel(model, config, path)
+    if (path / "layout.json").exists():
+        loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream)
+    else:
+        model, config = load_checkpoint(path, dtype=_dtype(dtype))
+        loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
         loaded.set_experts_per_token(experts_per_token)
     return loaded

@@ -1,0 +1,62 @@
+"""StreamingExperts: the routed experts of one MoE layer, read from an ExpertStore on every call.
+
+Same call as ResidentExperts. The chosen expert ids are the one host sync per layer: they say
+which bytes to read. Router and shared expert stay resident in the model.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .experts import switch_glu
+from .layout import ExpertLayout
+
+
+def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
+    """Score-weighted SwiGLU of the experts in slot arrays (S, ...): x [N, D], inds/scores [N, K] -> [N, D]."""
+
+    def proj(name, h, idx, sorted_indices):
+        w = arrays[f"{name}.weight"]
+        if not layout.quantized:
+            return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+        return mx.gather_qmm(
+            h, w, arrays[f"{name}.scales"], arrays[f"{name}.biases"], rhs_indices=idx, transpose=True,
+            group_size=layout.group_size, bits=layout.bits, sorted_indices=sorted_indices,
+        )
+
+    return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
+
+
+class StreamingExperts(nn.Module):
+    def __init__(self, store, layer: int):
+        super().__init__()
+        # Plain attributes (not parameters): the store owns the bytes, the model never saves them.
+        self._store, self._layer, self._layout = store, layer, store.layout.expert
+
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+        ids = np.array(inds)  # host sync: we must know what to read
+        uniq, local = np.unique(ids, return_inverse=True)
+        local = local.reshape(ids.shape).astype(np.int32)
+        cap = self._store.capacity
+        if len(uniq) <= cap:
+            slots = self._store.fetch(self._layer, uniq)
+            y = slot_ffn(x, slots.arrays, mx.array(local), scores, self._layout)
+            slots.consumed_by(y)
+            return y
+        # More distinct experts than slots (a long prompt chunk): read them a slot set at a time and
+        # compute only the (token, k) pairs routed to each group, so every expert is read once per chunk.
+        y = mx.zeros_like(x)
+        scores_flat = scores.reshape(-1)
+        for first in range(0, len(uniq), cap):
+            sel = np.nonzero((local >= first) & (local < first + cap))
+            rows, flat = sel[0], np.ravel_multi_index(sel, ids.shape)
+            slots = self._store.fetch(self._layer, uniq[first : first + cap])
+            part = slot_ffn(
+                x[mx.array(rows)], slots.arrays, mx.array(local[sel] - first)[:, None],
+                scores_flat[mx.array(flat)][:, None], self._layout,
+            )
+            y = y.at[mx.array(rows)].add(part)
+            slots.consumed_by(y)
+        return y
