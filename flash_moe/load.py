@@ -60,11 +60,79 @@ class LoadedModel:
             if hasattr(layer.mlp, "top_k"):
                 layer.mlp.top_k = k
 
+    @property
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer (transformers' AutoTokenizer), loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: no usable tokenizer files ({e})") from None
+        return self._tokenizer
+
+    @property
+    def stats(self):
+        """Expert I/O counters of the ExpertStore (None for resident experts): see ``IOStats``."""
+        return self.store.stats if self.store is not None else None
+
+    def stream_generate(self, prompt, **kwargs):
+        """Yield ``GenerationResponse``s; arguments as ``generate``."""
+        from .generate import stream_generate
+
+        return stream_generate(self, prompt, **kwargs)
+
+    def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
+                 seed: int = 0, tools=None, enable_thinking=None, chat=None, **kwargs):
+        """Complete ``prompt`` and return the text.
+
+        Args:
+            prompt: a string (encoded as is; ``chat=True`` wraps it as a user message), token ids, or a list of
+                chat messages (``{"role", "content"}``, tool results as ``{"role": "tool", ...}``), which go
+                through the model's chat template.
+            max_tokens: most new tokens. temperature, top_p, top_k, min_p: sampling (temperature 0 = greedy).
+            repetition_penalty: > 1 discourages repeats. stop: string(s) that end generation (not included).
+            seed: sampling seed (same seed, same text). tools: OpenAI-style tool schemas, offered to the model
+                and used to type the parsed calls' arguments. enable_thinking: passed to the chat template.
+        Returns:
+            the text (a ``str``) with ``.content``, ``.reasoning``, ``.tool_calls`` and ``.finish_reason``.
+        """
+        from .generate import generate
+
+        return generate(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed, tools=tools,
+                        enable_thinking=enable_thinking, chat=chat, **kwargs)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
     def __repr__(self):
         a = self.config
         kind = "streamed" if self.store is not None else "resident"
         return (f"LoadedModel({a.model_type}, {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
                 f"{a.num_experts} experts top-{a.num_experts_per_tok}, {kind} experts, from {self.path})")
+
+
+HUB_PATTERNS = ["*.json", "*.jinja", "*.txt", "tokenizer*", "*.safetensors", "experts/*.bin"]
+
+
+def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a hub id (``owner/name``) fetched with huggingface_hub, model files only."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such model folder (and not a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth or missing repo: one clear line
+        raise CheckpointError(f"{name}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
 def check_layout(layout: ModelLayout, args: ModelArgs, folder: Path) -> None:
@@ -137,9 +205,7 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         threads: reader threads of the ExpertStore.
         stream: for a converted folder, False reads every expert into memory once instead of per token.
     """
-    path = Path(path_or_repo).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model folder")
+    path = resolve(path_or_repo)
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream)
     else:

@@ -1,0 +1,191 @@
+"""Token sampling and logits processors for generation.
+
+Samplers take the last position's logits (or log-probabilities: every filter here is
+invariant to adding a constant) of shape [..., V] and an explicit PRNG key, and return
+token ids of shape [...]. Seeded runs are reproducible because no global random state is
+used: draw one key per step from `step_keys(seed)`.
+
+Order of operations follows Hugging Face and vLLM (temperature, then top-k, top-p,
+min-p), which is what Qwen's recommended settings (T=0.6, top_p=0.95, top_k=20) assume.
+mlx-lm filters before applying the temperature, so with T != 1 its top-p/min-p sets
+differ from ours.
+"""
+
+import math
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array, Optional[mx.array]], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def step_keys(seed: int) -> Iterator[mx.array]:
+    """Yield one PRNG key per decoding step; the same seed gives the same keys."""
+    key = mx.random.key(seed)
+    while True:
+        key, sub = mx.random.split(key)
+        yield sub
+
+
+def apply_top_k(logits: mx.array, top_k: int) -> mx.array:
+    """Keep the `top_k` largest logits (and any tied with the k-th), mask the rest.
+
+    Ties at the boundary are all kept, as Hugging Face does: dropping one of two equally
+    likely tokens would be an arbitrary choice.
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
+    return mx.where(logits < kth, -mx.inf, logits)
+
+
+def apply_top_p(logits: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability mass is >= top_p.
+
+    A token is kept when the mass of the tokens ranked above it is still below top_p, so
+    the most likely token always survives; ties with the last kept token are kept too.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits = mx.sort(logits, axis=-1)  # ascending
+    probs = mx.softmax(sorted_logits, axis=-1)
+    mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+    num_kept = (mass_above < top_p).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(sorted_logits, logits.shape[-1] - num_kept, axis=-1)
+    return mx.where(logits < threshold, -mx.inf, logits)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Keep tokens whose probability is at least `min_p` times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logits < threshold, -mx.inf, logits)
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> Sampler:
+    """Make a sampler `(logits, key) -> token ids`.
+
+    Args:
+        temperature: Softmax temperature; 0 picks the argmax (the key is then unused).
+        top_p: Nucleus mass in (0, 1]; 1 disables it.
+        top_k: Keep the k most likely tokens; 0 disables it.
+        min_p: Drop tokens less likely than `min_p` times the top token, in [0, 1];
+            0 disables it.
+
+    Returns:
+        A function of logits [..., V] and a PRNG key (`mx.random.key`) returning uint32
+        token ids of shape [...]. A key of None falls back to MLX's global generator.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+
+    if temperature == 0:
+        return lambda logits, key=None: mx.argmax(logits, axis=-1)
+
+    def sampler(logits: mx.array, key: Optional[mx.array] = None) -> mx.array:
+        logits = logits.astype(mx.float32) * (1.0 / temperature)
+        logits = apply_top_k(logits, top_k)
+        logits = apply_top_p(logits, top_p)
+        logits = apply_min_p(logits, min_p)
+        return mx.random.categorical(logits, axis=-1, key=key)
+
+    return sampler
+
+
+def _token_counts(tokens: Union[mx.array, Sequence[int]], vocab_size: int) -> mx.array:
+    tokens = (
+        mx.array(tokens, dtype=mx.int32) if not isinstance(tokens, mx.array) else tokens
+    )
+    return mx.zeros((vocab_size,), mx.float32).at[tokens.reshape(-1)].add(1.0)
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """Penalise tokens seen in the last `context_size` tokens (CTRL, Keskar et al. 2019).
+
+    Positive logits are divided by `penalty` and negative ones multiplied, so a penalty
+    > 1 always makes a repeated token less likely, whatever its sign.
+    """
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        if len(tokens) == 0 or context_size <= 0:
+            return logits
+        seen = _token_counts(tokens[-context_size:], logits.shape[-1]) > 0
+        penalised = mx.where(logits < 0, logits * penalty, logits / penalty)
+        return mx.where(seen, penalised, logits)
+
+    return processor
+
+
+def make_presence_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """Subtract `penalty` from every token seen in the last `context_size` tokens (OpenAI)."""
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        if len(tokens) == 0 or context_size <= 0:
+            return logits
+        seen = _token_counts(tokens[-context_size:], logits.shape[-1]) > 0
+        return logits - penalty * seen.astype(logits.dtype)
+
+    return processor
+
+
+def make_frequency_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """Subtract `penalty` once per occurrence in the last `context_size` tokens (OpenAI)."""
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        if len(tokens) == 0 or context_size <= 0:
+            return logits
+        counts = _token_counts(tokens[-context_size:], logits.shape[-1])
+        return logits - (penalty * counts).astype(logits.dtype)
+
+    return processor
+
+
+def make_logits_processors(
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    presence_penalty: Optional[float] = None,
+    frequency_penalty: Optional[float] = None,
+    penalty_context_size: int = 20,
+) -> List[LogitsProcessor]:
+    """Make logits processors `(tokens, logits) -> logits` for generation.
+
+    Args:
+        repetition_penalty: Sign-aware multiplicative penalty (> 1 discourages repeats);
+            None or 1 disables it.
+        repetition_context_size: How many of the most recent tokens (prompt included)
+            the repetition penalty looks at.
+        presence_penalty: OpenAI-style additive penalty for tokens seen at least once.
+        frequency_penalty: OpenAI-style additive penalty per occurrence.
+        penalty_context_size: Window for the presence and frequency penalties.
+
+    Returns:
+        A list of processors to apply in order. `tokens` is the 1-D history (mx.array or
+        list of ints); `logits` has shape [V] or [1, V].
+    """
+    processors = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(
+            make_repetition_penalty(repetition_penalty, repetition_context_size)
+        )
+    if presence_penalty:
+        processors.append(make_presence_penalty(presence_penalty, penalty_context_size))
+    if frequency_penalty:
+        processors.append(
+            make_frequency_penalty(frequency_penalty, penalty_context_size)
+        )
+    return processors
