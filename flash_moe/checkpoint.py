@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import ResidentExperts
-from .model import Model, ModelArgs, sanitize
+from .model import Model, ModelArgs, WeightError, sanitize
 
 
 class CheckpointError(ValueError):
@@ -118,6 +118,14 @@ def load_weights(model: Model, weights: dict, origin: dict, where: dict, folder:
     model.update(tree_unflatten(list(weights.items())))
 
 
+def model_dtype(weights: dict):
+    """The checkpoint's compute dtype: that of its embedding (or first floating tensor)."""
+    emb = weights.get("model.embed_tokens.scales", weights.get("model.embed_tokens.weight"))
+    if emb is not None and mx.issubdtype(emb.dtype, mx.floating):
+        return emb.dtype
+    return next((w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)), mx.float32)
+
+
 def load_checkpoint(folder: str | Path, dtype=None, experts_factory=None) -> tuple[Model, dict]:
     """A Hugging Face or mlx-community checkpoint folder -> (resident Model, config dict)."""
     folder = Path(folder)
@@ -131,9 +139,9 @@ def load_checkpoint(folder: str | Path, dtype=None, experts_factory=None) -> tup
     hf = quant is None and not any(k.startswith("language_model.") for k in raw)  # mlx-community stores 1+w
     try:
         weights, origin = sanitize(raw, args, hf_norms=hf)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}: {e}") from None
+    except WeightError as e:
+        raise CheckpointError(f"{folder / where.get(e.key, '')}: {e}") from None
     model = build_model(args, quant, set(weights), experts_factory)
-    load_weights(model, weights, origin, where, folder, dtype)
+    load_weights(model, weights, origin, where, folder, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     return model, config

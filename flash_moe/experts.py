@@ -34,6 +34,15 @@ def switch_glu(x, inds, proj, scores, sort: bool = False):
     return (y * scores[..., None]).sum(axis=-2)
 
 
+def gather_mm(h, w, inds, sorted_indices=False):
+    """h @ w[inds].T for unquantized stacked weights (the CPU kernel takes float32 only)."""
+    if h.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_indices)
+    out = mx.gather_mm(h.astype(mx.float32), w.swapaxes(-1, -2).astype(mx.float32), rhs_indices=inds,
+                       sorted_indices=sorted_indices)
+    return out.astype(h.dtype)
+
+
 class StackedLinear(nn.Module):
     """One projection of all experts: weight (E, out, in), or packed uint32 + scales + biases."""
 
@@ -49,7 +58,7 @@ class StackedLinear(nn.Module):
 
     def __call__(self, h, inds, sorted_indices=False):
         if self.bits == 16:
-            return mx.gather_mm(h, self.weight.swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_indices)
+            return gather_mm(h, self.weight, inds, sorted_indices)
         return mx.gather_qmm(
             h, self.weight, self.scales, self.biases, rhs_indices=inds, transpose=True,
             group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices,

@@ -11,7 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import CheckpointError, build_model, load_checkpoint, load_weights, read_config, read_tensors
+from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_dtype, read_config,
+                         read_tensors)
 from .layout import ModelLayout
 from .model import Model, ModelArgs
 
@@ -187,7 +188,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
             weights.update(read_packed_experts(path, layout, layer))
         factory = lambda layer: ResidentExperts(args.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
     model = build_model(args, config.get("quantization"), set(weights), factory)
-    load_weights(model, weights, {k: k for k in weights}, where, path, dtype)
+    load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     return LoadedModel(model, config, path, store)
 

@@ -161,6 +161,14 @@ class Model(nn.Module):
 
 # ---- checkpoint names -> module names -------------------------------------------------------
 
+class WeightError(ValueError):
+    """A checkpoint tensor that does not fit the model; ``key`` is its name in the checkpoint."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
@@ -213,28 +221,35 @@ def sanitize(weights: dict, args: ModelArgs, hf_norms: bool = True) -> tuple[dic
         new = _rename(key)
         if new is None:
             continue
-        if ".mlp.experts." in new and not new.split(".mlp.experts.")[1].split(".")[0] in ("gate_proj", "up_proj", "down_proj"):
-            rest = new.split(".mlp.experts.")[1]
-            if rest.split(".")[0].isdigit():  # per-expert keys: mlp.experts.{e}.gate_proj.weight
-                e, tail = rest.split(".", 1)
-                experts.setdefault(new.split(".mlp.experts.")[0] + ".mlp.experts." + tail, {})[int(e)] = (w, key)
-                continue
+        if ".mlp.experts." in new:
+            base, rest = new.split(".mlp.experts.")
+            base += ".mlp.experts"
             if rest == "gate_up_proj":  # fused release layout: (E, 2I, D), gate rows first
-                base = new.rsplit(".", 1)[0]
                 I = w.shape[1] // 2
                 for name, part in (("gate_proj", w[:, :I]), ("up_proj", w[:, I:])):
                     out[f"{base}.{name}.weight"], origin[f"{base}.{name}.weight"] = part, key
                 continue
-            if rest == "down_proj":
-                new = new + ".weight"
+            if rest == "down_proj":  # fused release layout: (E, D, I)
+                new = f"{base}.down_proj.weight"
+            elif rest.split(".")[0].isdigit():  # per-expert keys: mlp.experts.{e}.gate_proj.weight
+                e, tail = rest.split(".", 1)
+                experts.setdefault(f"{base}.{tail}", {})[int(e)] = (w, key)
+                continue
         out[new], origin[new] = w, key
     for new, parts in experts.items():
-        ids = sorted(parts)
-        if ids != list(range(len(ids))):
-            missing = sorted(set(range(max(ids) + 1)) - set(ids))
-            raise ValueError(f"{new}: per-expert tensors for experts {missing} are missing")
-        out[new] = mx.stack([parts[e][0] for e in ids])
-        origin[new] = parts[ids[0]][1].replace(".0.", ".{e}.", 1)
+        missing = sorted(set(range(args.num_experts)) - set(parts))
+        extra = sorted(set(parts) - set(range(args.num_experts)))
+        if missing or extra:
+            key = parts[(extra or sorted(parts))[0]][1]
+            raise WeightError(f"{new}: per-expert tensors of experts {missing} missing, of experts {extra} unexpected "
+                              f"(the config has {args.num_experts} experts; e.g. {key!r})", key)
+        shape = parts[0][0].shape
+        for e in range(args.num_experts):
+            if parts[e][0].shape != shape:
+                raise WeightError(f"tensor {parts[e][1]!r} has shape {tuple(parts[e][0].shape)}, expected "
+                                  f"{tuple(shape)} like expert 0", parts[e][1])
+        out[new] = mx.stack([parts[e][0] for e in range(args.num_experts)])
+        origin[new] = parts[0][1].replace(".0.", ".{e}.", 1)
     if args.model_type == "qwen3_next":
         _ungroup_qwen3_next(out, args, origin)
     for key in list(out):
@@ -242,7 +257,7 @@ def sanitize(weights: dict, args: ModelArgs, hf_norms: bool = True) -> tuple[dic
         if key.endswith("conv1d.weight") and w.ndim == 3 and w.shape[-1] != 1:
             out[key] = w.swapaxes(1, 2)  # HF (C, 1, k) -> MLX (C, k, 1)
         elif hf_norms and (key.endswith(ZERO_CENTRED_NORMS) or key == "model.norm.weight"):
-            out[key] = w + 1.0
+            out[key] = w.astype(mx.float32) + 1.0  # in fp32, as HF computes it; load casts to the model dtype
     if args.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out, origin

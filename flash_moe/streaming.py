@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .experts import switch_glu
+from .experts import gather_mm, switch_glu
 from .layout import ExpertLayout
 
 
@@ -20,7 +20,7 @@ def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
     def proj(name, h, idx, sorted_indices):
         w = arrays[f"{name}.weight"]
         if not layout.quantized:
-            return mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+            return gather_mm(h, w, idx, sorted_indices)
         return mx.gather_qmm(
             h, w, arrays[f"{name}.scales"], arrays[f"{name}.biases"], rhs_indices=idx, transpose=True,
             group_size=layout.group_size, bits=layout.bits, sorted_indices=sorted_indices,
