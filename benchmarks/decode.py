@@ -1,0 +1,208 @@
+"""Decode benchmark: flash_moe streaming vs the disk's bound and vs mlx-lm, in one run.
+
+    python benchmarks/decode.py --model DIR [--k 4] [--cold] [--cap 48G] [--peer]
+
+Prints, in order: a raw parallel-pread test over the same expert files (cold when the page cache can be
+dropped, warm otherwise), flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps,
+peak_memory), a per-phase breakdown, bytes read and page-cache hit rate per token, the I/O bound
+(bytes missed per token / measured disk bandwidth + compute time) and our ratio to it, and with
+``--peer`` mlx-lm decoding a resident model of the same shapes. ``--cap`` runs everything inside a
+cgroup-v2 memory limit (Linux, root), which counts the page cache: 48G emulates a 48 GB laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flash_moe import load  # noqa: E402
+from flash_moe.generate import generate_step  # noqa: E402
+from flash_moe.layout import ModelLayout  # noqa: E402
+from flash_moe.timing import PhaseTimer  # noqa: E402
+
+
+def drop_page_cache(files) -> str:
+    """Drop the whole page cache if we may (root), else evict our files; say which happened."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped (drop_caches)"
+    except OSError:
+        pass
+    if hasattr(os, "posix_fadvise"):
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return "evicted per file (posix_fadvise DONTNEED; may be partial)"
+    return "NOT dropped (no permission): results are warm"
+
+
+def enter_memory_cap(limit: str) -> str:
+    cg = Path("/sys/fs/cgroup/flash_moe_bench")
+    try:
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.max").write_text(limit)
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+        return f"memory.max={limit} (cgroup v2, counts the page cache)"
+    except OSError as e:
+        sys.exit(f"--cap needs root and cgroup v2 with the memory controller: {e}")
+
+
+def pread_test(folder: Path, layout: ModelLayout, k: int, tokens: int, threads: int, seed: int) -> dict:
+    """K random experts per MoE layer per token, one pread each, `threads` in parallel."""
+    e = layout.expert
+    rng = np.random.default_rng(seed)
+    fds = {l: os.open(folder / layout.layer_file(l), os.O_RDONLY) for l in layout.moe_layers}
+    bufs = [bytearray(e.expert_bytes) for _ in range(k)]
+    jobs = [(fds[l], int(x)) for _ in range(tokens) for l in layout.moe_layers
+            for x in rng.choice(layout.num_experts, k, replace=False)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda j: os.preadv(j[0], [bufs[j[1] % k]], j[1] * e.stride), jobs))
+    secs = time.perf_counter() - start
+    for fd in fds.values():
+        os.close(fd)
+    return {"gb_per_s": len(jobs) * e.expert_bytes / secs / 1e9, "seconds": secs, "reads": len(jobs)}
+
+
+def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, timer=None) -> dict:
+    mx.random.seed(seed)
+    prompt = mx.random.randint(0, model.config.vocab_size, (prompt_tokens,)).astype(mx.int32)
+    before = model.stats.snapshot()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = None
+    for i, _ in enumerate(generate_step(prompt, model, max_tokens=generation_tokens, timer=timer)):
+        if i == 0:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    io = model.stats.snapshot().delta(before).totals()
+    return {
+        "prompt_tps": prompt_tokens / (first - start),
+        "generation_tps": (generation_tokens - 1) / (end - first) if generation_tokens > 1 else 0.0,
+        "peak_memory": mx.get_peak_memory() / 1e9,
+        "total_time": end - start,
+        "io": io,
+    }
+
+
+def peer_mlx_lm(config: dict, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
+    """mlx-lm decoding a resident 4-bit model of the same shapes (random weights, routers 8-bit)."""
+    import mlx.nn as nn
+    from mlx_lm.generate import generate_step as lm_step
+    from mlx_lm.models import qwen3_5_moe
+
+    cfg = {k2: v for k2, v in config.items() if k2 not in ("quantization", "flash_moe")}
+    cfg["num_experts_per_tok"] = k
+    rope = cfg.setdefault("rope_parameters", {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"})
+    rope.setdefault("type", rope.get("rope_type", "default"))
+    model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict({"model_type": "qwen3_5_moe", "text_config": cfg}))
+    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: (
+        {"group_size": 64, "bits": 8} if p.endswith(("mlp.gate", "shared_expert_gate")) else hasattr(m, "to_quantized")))
+    mx.eval(model.parameters())
+    out = []
+    for t in range(trials + 1):  # the first is a warm-up
+        prompt = mx.random.randint(0, cfg["vocab_size"], (prompt_tokens,))
+        start = time.perf_counter()
+        for i, _ in enumerate(lm_step(prompt, model, max_tokens=generation_tokens)):
+            if i == 0:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        if t:
+            out.append({"prompt_tps": prompt_tokens / (first - start),
+                        "generation_tps": (generation_tokens - 1) / (end - first)})
+    return {key: float(np.mean([o[key] for o in out])) for key in out[0]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="converted flash_moe folder (e.g. from make_synthetic.py)")
+    p.add_argument("--k", type=int, default=4, help="experts per token")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=64)
+    p.add_argument("-g", "--generation-tokens", type=int, default=32)
+    p.add_argument("-n", "--num-trials", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8, help="reader threads (pread test and ExpertStore)")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each measurement")
+    p.add_argument("--cap", default=None, help="cgroup-v2 memory.max for this process, e.g. 48G")
+    p.add_argument("--peer", action="store_true", help="also run mlx-lm on a resident model of the same shapes")
+    p.add_argument("--json", default=None, help="write all numbers to this file")
+    args = p.parse_args()
+
+    folder = Path(args.model)
+    layout = ModelLayout.read(folder)
+    files = [folder / layout.layer_file(l) for l in layout.moe_layers]
+    result = {"args": vars(args), "device": str(mx.default_device())}
+    if args.cap:
+        result["cap"] = enter_memory_cap(args.cap)
+        print("memory cap:", result["cap"])
+
+    cache_state = drop_page_cache(files) if args.cold else "warm (not dropped)"
+    disk = pread_test(folder, layout, args.k, 8, args.threads, seed=1)
+    warm = pread_test(folder, layout, args.k, 8, args.threads, seed=1)  # the same reads again: page cache
+    result["pread"] = {"first": disk, "repeat": warm, "cache": cache_state}
+    print(f"raw parallel pread ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
+          f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s")
+
+    model = load(folder, experts_per_token=args.k, threads=args.threads)
+    decode_trial(model, 16, 4, seed=0)  # warm-up: kernels compiled, buffers touched
+    trials = []
+    for t in range(args.num_trials):
+        if args.cold:
+            drop_page_cache(files)
+        r = decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=100 + t)
+        trials.append(r)
+        print(f"Trial {t + 1}: prompt_tps={r['prompt_tps']:.3f}, generation_tps={r['generation_tps']:.3f}, "
+              f"peak_memory={r['peak_memory']:.3f}, total_time={r['total_time']:.3f}")
+    avg = {key: float(np.mean([r[key] for r in trials])) for key in ("prompt_tps", "generation_tps", "peak_memory", "total_time")}
+    print("Averages: " + ", ".join(f"{k2}={v:.3f}" for k2, v in avg.items()))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
+    print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB")
+
+    if args.cold:
+        drop_page_cache(files)
+    timer = PhaseTimer(model).install()
+    timed = decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=999, timer=timer)
+    timer.uninstall()
+    summary = timer.summary()
+    print(timer.table())
+
+    n = max(summary["tokens"], 1)
+    io = summary["io"]
+    eb = layout.expert.expert_bytes
+    missed = io.get("misses", 0) * eb / n
+    hit = io.get("hits", 0) * eb / n
+    compute_ms = summary["ms_per_token"] - summary["total"]["expert_io"]
+    bound_ms = 1e3 * missed / (disk["gb_per_s"] * 1e9) + compute_ms
+    actual_ms = 1e3 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
+    result.update(trials=trials, average=avg, phases=summary, rss_mb=rss,
+                  bound={"missed_mb_per_token": missed / 1e6, "hit_mb_per_token": hit / 1e6,
+                         "compute_ms": compute_ms, "bound_ms": bound_ms, "actual_ms": actual_ms,
+                         "ratio": bound_ms / actual_ms})
+    print(f"per token: {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit (hit rate {100 * io.get('hit_rate', 0):.0f}%); "
+          f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms compute) vs "
+          f"{actual_ms:.1f} ms measured: ratio {bound_ms / actual_ms:.2f}")
+
+    if args.peer:
+        config = json.loads((folder / "config.json").read_text())
+        peer = peer_mlx_lm(config, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
+        result["peer"] = peer
+        print(f"mlx-lm (resident, same shapes): prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
+              f"{peer['generation_tps']:.3f}; flash_moe / mlx-lm generation: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

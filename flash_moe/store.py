@@ -1,0 +1,521 @@
+"""ExpertStore: reads the routed experts a layer needs from the packed layer files into slot buffers.
+
+The store reads bytes; it does not dequantize or compute, and it does not cache: it trusts the OS page
+cache (flash-moe measured every user-space cache as a loss). One ``fetch(layer, ids)`` reads each expert
+with one positioned scatter read (``os.preadv``) straight into preallocated slot arrays, the experts in
+parallel on a persistent thread pool (preadv releases the GIL).
+
+Slot buffers are a swappable piece (``SlotBuffers``): ``num_sets`` sets used round robin, so the caller
+can compute on one set while the next fills. A set is overwritten ``num_sets`` fetches later; mark the
+arrays computed from it with ``SlotSet.consumed_by`` and the store evaluates them before reusing it.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, fields
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from .layout import ExpertLayout, ModelLayout, expert_checksum
+
+# Without RWF_NOWAIT (macOS, or a filesystem that refuses it) a read counts as a page-cache hit when one
+# expert arrived faster than this. flash-moe's M3 Max: ~7.3 GB/s per read warm, ~2.5 GB/s cold (4 threads).
+HIT_BYTES_PER_S = 4e9
+
+# bf16 has no numpy dtype: it is stored as uint16 and shown to MLX through a (shared-buffer) view.
+_STORAGE_DTYPE = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.uint16}
+_COMPUTE_DTYPE = {"bfloat16": mx.bfloat16}
+
+
+class ExpertReadError(OSError):
+    """A read of one expert failed or came back short; the message names file, layer, expert and offset."""
+
+
+class SlotBuffers(Protocol):
+    """Where fetched experts land. The store needs only these members.
+
+    ``host_views(index)``: per tensor name, a writable, C-contiguous numpy array of shape
+    ``(capacity, *tensor.shape)`` whose bytes are those the computation will see (the reader
+    ``preadv``s into ``view[slot]``). Called once per set at construction; must stay valid until ``close``.
+    ``compute_arrays(index, count)``: per tensor name, the ``mx.array`` of shape ``(capacity, *shape)``
+    and the tensor's dtype that the experts computation consumes; called after each fetch, once the
+    first ``count`` slots hold their experts (a device variant may upload those slots here).
+    ``nbytes``: memory held by all sets. ``close()``: release it.
+    """
+
+    capacity: int
+    num_sets: int
+
+    def host_views(self, index: int) -> dict[str, np.ndarray]: ...
+
+    def compute_arrays(self, index: int, count: int) -> dict[str, mx.array]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class HostSlotBuffers:
+    """Slot sets as MLX arrays in host memory (unified memory on Apple), filled through numpy views.
+
+    ``np.array(mx_arr, copy=False)`` shares the MLX buffer, so a read lands where MLX computes from;
+    a bf16 tensor is uint16 storage plus an evaluated ``.view(mx.bfloat16)``, which shares the buffer too.
+    Each set is one MLX allocation; every tensor array starts on a ``TENSOR_ALIGN`` boundary inside it,
+    because MLX's own allocations start 24 bytes past 32-byte alignment and the kernel's copy into such
+    a destination ran 3-4x slower (measured: 2.6 vs 8-13 GB/s, EPYC, warm page cache).
+    """
+
+    SET_ALIGN = 2 << 20  # flash-moe: 2 MB-aligned destinations read 3.6x faster than 16 KB-aligned (macOS, warm)
+    TENSOR_ALIGN = 16 << 10
+
+    def __init__(self, layout: ExpertLayout, capacity: int, num_sets: int):
+        self.capacity, self.num_sets = capacity, num_sets
+        self._compute, self._host, self._nbytes = [], [], 0
+        offsets, size = {}, 0
+        for t in layout.tensors:
+            offsets[t.name] = size
+            size += -(-capacity * t.nbytes // self.TENSOR_ALIGN) * self.TENSOR_ALIGN
+        for _ in range(num_sets):
+            flat = mx.zeros((size + self.SET_ALIGN,), dtype=mx.uint8)
+            mx.eval(flat)
+            addr = np.array(flat, copy=False).ctypes.data
+            base = -addr % self.SET_ALIGN
+            storage, compute = {}, {}
+            for t in layout.tensors:
+                start = base + offsets[t.name]
+                a = flat[start : start + capacity * t.nbytes].view(_STORAGE_DTYPE[t.dtype]).reshape(capacity, *t.shape)
+                storage[t.name] = a
+                compute[t.name] = a.view(_COMPUTE_DTYPE[t.dtype]) if t.dtype in _COMPUTE_DTYPE else a
+            # MLX shares the buffer for contiguous slices, views and reshapes; check it did, never write elsewhere.
+            shown = {n: c.view(mx.uint16) if c.dtype == mx.bfloat16 else c for n, c in compute.items()}
+            mx.eval(list(storage.values()), list(compute.values()), list(shown.values()))
+            host = {name: np.array(a, copy=False) for name, a in storage.items()}
+            for name, view in host.items():
+                at = addr + base + offsets[name]
+                if not (
+                    view.flags.writeable and view.flags.c_contiguous and view.ctypes.data == at
+                    and np.array(shown[name], copy=False).ctypes.data == at
+                ):
+                    raise RuntimeError(f"slot buffer {name}: MLX did not share the buffer with its numpy view")
+            self._compute.append(compute)
+            self._host.append(host)
+            self._nbytes += flat.nbytes
+
+    def host_views(self, index: int) -> dict[str, np.ndarray]:
+        return self._host[index]
+
+    def compute_arrays(self, index: int, count: int | None = None) -> dict[str, mx.array]:
+        return self._compute[index]
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def close(self) -> None:
+        self._compute, self._host = [], []
+
+
+@dataclass
+class SlotSet:
+    """One fetch's result. ``arrays[name]`` has shape ``(capacity, *shape)``; slot i holds
+    ``expert_ids[i]`` for i < ``count``, later slots hold stale data."""
+
+    arrays: dict[str, mx.array]
+    count: int
+    expert_ids: list[int]
+    index: int  # which slot set
+    _pending: list  # the store's list of arrays to evaluate before it overwrites this set
+
+    def consumed_by(self, *arrays: mx.array) -> None:
+        """Declare arrays computed from this set: the store evaluates them before overwriting it."""
+        self._pending.extend(arrays)
+
+
+_COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses")
+
+
+@dataclass
+class IOStats:
+    """Cumulative per-layer read counters (index = decoder-layer number) and an expert usage matrix."""
+
+    fetches: np.ndarray  # [layers] int64
+    experts: np.ndarray  # [layers] int64
+    bytes: np.ndarray  # [layers] int64
+    seconds: np.ndarray  # [layers] float64, wall time of the fetches
+    hits: np.ndarray  # [layers] int64, experts found in the page cache (probe or timing estimate)
+    misses: np.ndarray  # [layers] int64
+    usage: np.ndarray  # [layers, experts] int64, how often each expert was fetched
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int) -> "IOStats":
+        per_layer = {n: np.zeros(num_layers, np.float64 if n == "seconds" else np.int64) for n in _COUNTERS}
+        return cls(**per_layer, usage=np.zeros((num_layers, num_experts), np.int64))
+
+    def snapshot(self) -> "IOStats":
+        return IOStats(**{f.name: getattr(self, f.name).copy() for f in fields(self)})
+
+    def reset(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name)[...] = 0
+
+    def delta(self, since: "IOStats") -> "IOStats":
+        """What happened after ``since`` (an earlier snapshot), e.g. during one token."""
+        return IOStats(**{f.name: getattr(self, f.name) - getattr(since, f.name) for f in fields(self)})
+
+    def totals(self) -> dict:
+        out = {n: getattr(self, n).sum().item() for n in _COUNTERS}
+        probed = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / probed if probed else float("nan")
+        out["gb_per_s"] = out["bytes"] / out["seconds"] / 1e9 if out["seconds"] else float("nan")
+        return out
+
+
+class _LayerFiles:
+    """The layer files, each opened once and checked to hold exactly num_experts * stride bytes."""
+
+    def __init__(self, folder: Path, layout: ModelLayout, layers=None):
+        self.fds: dict[int, int] = {}
+        self.paths: dict[int, Path] = {}
+        expected = layout.layer_bytes()
+        try:
+            for layer in layout.moe_layers if layers is None else layers:
+                if layer not in layout.moe_layers:
+                    raise ValueError(f"layer {layer} is not a MoE layer listed in {folder / 'layout.json'}")
+                path = folder / layout.layer_file(layer)
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"{path}: file of layer {layer} is missing (expected {expected:,} bytes); "
+                        "was the conversion interrupted?"
+                    ) from None
+                self.fds[layer], self.paths[layer] = fd, path
+                size = os.fstat(fd).st_size
+                if size != expected:
+                    raise ValueError(
+                        f"{path}: layer {layer} file has {size:,} bytes, expected {expected:,} "
+                        f"({layout.num_experts} experts x stride {layout.expert.stride:,}); "
+                        f"{'truncated' if size < expected else 'oversized'}, or from another conversion"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _ReadPool:
+    """Persistent reader threads; each task posts exactly one result (value or exception) to its queue."""
+
+    def __init__(self, threads: int):
+        self._tasks: SimpleQueue = SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"flash-moe-read-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fn, args, done = task
+            try:
+                done.put(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the fetching thread
+                done.put(e)
+
+    def submit(self, fn, args, done: SimpleQueue) -> None:
+        self._tasks.put((fn, args, done))
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+        for t in self._threads:
+            t.join()
+
+
+def _shutdown(pool: _ReadPool, files: _LayerFiles, buffers, pending: list[list]) -> None:
+    pool.shutdown()
+    files.close()
+    # A buffer kind may free memory that pending computation still reads (pinned CUDA memory does).
+    for arrays in pending:
+        if arrays:
+            mx.eval(*arrays)
+            arrays.clear()
+    buffers.close()
+
+
+def _probe_mode(probe_cache: bool) -> str | None:
+    if not probe_cache:
+        return None
+    return "nowait" if hasattr(os, "RWF_NOWAIT") else "timing"
+
+
+class ExpertStore:
+    """Reads routed experts from a converted model folder into reusable slot buffers.
+
+    Args:
+        folder: the converted model folder (``layout.json``, ``experts/layer_NNN.bin``).
+        layout: the ``ModelLayout``; read from ``folder/layout.json`` when None.
+        capacity: the most experts one fetch may read (slots per set).
+        num_sets: slot sets, used round robin by successive fetches.
+        threads: reader threads (the fetching thread reads one expert itself).
+        buffers: a ``SlotBuffers`` class or factory, called as ``buffers(expert_layout, capacity, num_sets)``;
+            ``HostSlotBuffers`` when None.
+        probe_cache: count page-cache hits and misses (``RWF_NOWAIT`` probe on Linux, read time elsewhere).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        layout: ModelLayout | None = None,
+        *,
+        capacity: int,
+        num_sets: int = 2,
+        threads: int = 8,
+        buffers=None,
+        probe_cache: bool = True,
+    ):
+        if capacity < 1 or num_sets < 1 or threads < 1:
+            raise ValueError(f"capacity, num_sets and threads must be >= 1, got {capacity}, {num_sets}, {threads}")
+        if not hasattr(os, "preadv"):
+            raise RuntimeError("os.preadv is unavailable here (needs Linux, or macOS 11+ with Python 3.10+)")
+        self.folder = Path(folder)
+        self.layout = ModelLayout.read(self.folder) if layout is None else layout
+        self.capacity, self.num_sets = capacity, num_sets
+        expert = self.layout.expert
+        self._stride, self._expert_bytes = expert.stride, expert.expert_bytes
+        self._probe = _probe_mode(probe_cache)
+        self._files = _LayerFiles(self.folder, self.layout)
+        # One scratch area takes the alignment padding between tensors; its content is never used.
+        self._scratch = memoryview(bytearray(64))
+        try:
+            self.buffers = (buffers or HostSlotBuffers)(expert, capacity, num_sets)
+            self._iovecs = [self._plan(self.buffers.host_views(s)) for s in range(num_sets)]
+        except BaseException:
+            self._files.close()
+            raise
+        self._pending: list[list] = [[] for _ in range(num_sets)]
+        self._next_set = 0
+        self._lock = threading.Lock()
+        self._pool = _ReadPool(threads)
+        self.stats = IOStats.zeros(max(self.layout.moe_layers, default=-1) + 1, self.layout.num_experts)
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._files, self.buffers, self._pending)
+
+    def _plan(self, views: dict[str, np.ndarray]) -> list[list]:
+        """Per slot, the preadv buffer list covering one expert's bytes in file order."""
+        plan = []
+        for slot in range(self.capacity):
+            iov, pos = [], 0
+            for t in self.layout.expert.tensors:
+                if t.offset > pos:
+                    iov.append(self._scratch[: t.offset - pos])
+                view = views[t.name]
+                if view.shape != (self.capacity, *t.shape) or view.nbytes != self.capacity * t.nbytes:
+                    raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
+                iov.append(memoryview(view[slot]).cast("B"))
+                pos = t.offset + t.nbytes
+            plan.append(iov)
+        return plan
+
+    @property
+    def probe(self) -> str | None:
+        """How hits are estimated: "nowait" (RWF_NOWAIT probe), "timing" (read speed), or None (off)."""
+        return self._probe
+
+    def resident_bytes(self) -> int:
+        """Bytes of all slot buffers: the store's RAM footprint."""
+        return self.buffers.nbytes
+
+    def fetch(self, layer: int, expert_ids) -> SlotSet:
+        """Read ``expert_ids`` (distinct, at most ``capacity``) of ``layer``; expert ``expert_ids[i]`` lands in slot i.
+
+        The returned set is overwritten ``num_sets`` fetches later. Fetches are serialized; each one reads
+        its experts in parallel. Raises ``ExpertReadError`` (naming file, layer, expert, offset) on a failed
+        or short read, after every read of the fetch has finished.
+        """
+        if not self._finalizer.alive:
+            raise ValueError(f"ExpertStore of {self.folder} is closed")
+        ids = self._check(layer, expert_ids)
+        fd, n = self._files.fds[layer], len(ids)
+        done: SimpleQueue = SimpleQueue()  # per fetch, so an interrupted fetch cannot leak results into the next
+        with self._lock:
+            index = self._next_set
+            self._next_set = (index + 1) % self.num_sets
+            pending = self._pending[index]
+            if pending:
+                mx.eval(*pending)  # the computation that used this set must finish before we overwrite it
+                pending.clear()
+            iovecs = self._iovecs[index]
+            start = time.perf_counter()
+            for slot in range(1, n):
+                self._pool.submit(self._read_expert, (fd, iovecs[slot], layer, ids[slot]), done)
+            results = []
+            if n:
+                try:
+                    results.append(self._read_expert(fd, iovecs[0], layer, ids[0]))
+                except Exception as e:  # noqa: BLE001 - raised below, once the other reads are done
+                    results.append(e)
+            results += [done.get() for _ in range(n - 1)]
+            seconds = time.perf_counter() - start
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            self._record(layer, ids, results, seconds)
+            arrays = self.buffers.compute_arrays(index, n)
+        return SlotSet(arrays, n, ids, index, pending)
+
+    def _check(self, layer: int, expert_ids) -> list[int]:
+        if layer not in self._files.fds:
+            raise ValueError(
+                f"layer {layer} has no expert file in {self.folder}: MoE layers are "
+                f"{_ranges(self.layout.moe_layers)}"
+            )
+        try:
+            if isinstance(expert_ids, np.ndarray):
+                expert_ids = expert_ids.tolist()
+            ids = [operator.index(e) for e in expert_ids]
+        except TypeError:
+            raise TypeError(f"layer {layer}: expert ids must be integers, got {expert_ids!r}") from None
+        if len(ids) > self.capacity:
+            raise ValueError(f"layer {layer}: {len(ids)} experts requested, capacity is {self.capacity}")
+        for e in ids:
+            if not 0 <= e < self.layout.num_experts:
+                raise ValueError(f"layer {layer}: expert {e} out of range (0..{self.layout.num_experts - 1})")
+        if len(set(ids)) != len(ids):
+            dup = sorted({e for e in ids if ids.count(e) > 1})
+            raise ValueError(f"layer {layer}: expert ids must be distinct, got {dup} more than once")
+        return ids
+
+    def _read_expert(self, fd: int, iov: list, layer: int, expert: int) -> bool | None:
+        """One expert, one preadv. Returns whether it was a page-cache hit (None when not probed)."""
+        offset, nbytes = expert * self._stride, self._expert_bytes
+        try:
+            if self._probe == "nowait":
+                try:
+                    if os.preadv(fd, iov, offset, os.RWF_NOWAIT) == nbytes:
+                        return True
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._probe = "timing"  # this filesystem refuses RWF_NOWAIT
+            start = time.perf_counter()
+            got = os.preadv(fd, iov, offset)
+            seconds = time.perf_counter() - start
+        except OSError as e:
+            raise ExpertReadError(
+                e.errno,
+                f"{self._files.paths[layer]}: layer {layer} expert {expert}: read of {nbytes:,} bytes "
+                f"at byte offset {offset:,} failed: {e.strerror or e}",
+            ) from e
+        if got != nbytes:
+            raise ExpertReadError(
+                errno.EIO,
+                f"{self._files.paths[layer]}: layer {layer} expert {expert}: short read at byte offset "
+                f"{offset:,}: got {got:,} of {nbytes:,} bytes (file changed since it was opened?)",
+            )
+        if self._probe == "timing":
+            return seconds * HIT_BYTES_PER_S < nbytes
+        return False if self._probe else None
+
+    def _record(self, layer: int, ids: list[int], hits: list, seconds: float) -> None:
+        s, n = self.stats, len(ids)
+        s.fetches[layer] += 1
+        s.experts[layer] += n
+        s.bytes[layer] += n * self._expert_bytes
+        s.seconds[layer] += seconds
+        if self._probe:
+            got = sum(1 for h in hits if h)
+            s.hits[layer] += got
+            s.misses[layer] += n - got
+        s.usage[layer, ids] += 1  # ids are distinct, so fancy-index += counts each once
+
+    def verify(self, layers=None, progress: bool = False) -> list[tuple[int, int, str, str]]:
+        """Re-check the checksums of layout.json with the store's open files; see ``verify``."""
+        with self._lock:
+            return _verify_files(self._files, self.layout, layers, progress)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "ExpertStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def verify(folder: str | Path, layers=None, progress: bool = True) -> list[tuple[int, int, str, str]]:
+    """Re-check every expert checksum recorded in ``folder/layout.json``, one expert at a time.
+
+    Returns:
+        The bad experts as ``(layer, expert, expected_hex, got_hex)``; empty when all match.
+    Raises ValueError when a layer has no (or a wrong number of) checksums, and the layer-file errors
+    of ``ExpertStore`` for missing or wrongly sized files.
+    """
+    folder = Path(folder)
+    layout = ModelLayout.read(folder)
+    files = _LayerFiles(folder, layout, layers)
+    try:
+        return _verify_files(files, layout, layers, progress)
+    finally:
+        files.close()
+
+
+def _verify_files(files: _LayerFiles, layout: ModelLayout, layers, progress: bool) -> list[tuple[int, int, str, str]]:
+    if layout.checksum != "blake2b-128":
+        raise ValueError(f"layout.json: unknown checksum {layout.checksum!r} (this flash_moe knows blake2b-128)")
+    layers = list(layout.moe_layers if layers is None else layers)
+    for layer in layers:
+        got = len(layout.checksums.get(layer, []))
+        if layer not in files.fds:
+            raise ValueError(f"layer {layer} has no expert file (MoE layers: {_ranges(layout.moe_layers)})")
+        if got != layout.num_experts:
+            raise ValueError(f"layout.json: layer {layer} has {got} checksums, expected {layout.num_experts}")
+    nbytes, stride = layout.expert.expert_bytes, layout.expert.stride
+    buf = bytearray(nbytes)
+    bad = []
+    todo = [(layer, e) for layer in layers for e in range(layout.num_experts)]
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc="verify", unit="expert")
+    for layer, e in todo:
+        got = os.preadv(files.fds[layer], [buf], e * stride)
+        if got != nbytes:
+            raise ExpertReadError(
+                errno.EIO, f"{files.paths[layer]}: layer {layer} expert {e}: short read at byte offset "
+                f"{e * stride:,}: got {got:,} of {nbytes:,} bytes",
+            )
+        expected, digest = layout.checksums[layer][e], expert_checksum(buf)
+        if digest != expected:
+            bad.append((layer, e, expected, digest))
+    return bad
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' for error messages."""
+    out, run = [], []
+    for v in sorted(values):
+        if run and v != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(v)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
