@@ -1,0 +1,32 @@
+"""Shared test fixtures: one random base seed per run, reproducible with FLASH_MOE_TEST_SEED."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+
+BASE_SEED = int(os.environ.get("FLASH_MOE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def pytest_report_header(config):
+    return f"flash_moe random seed: FLASH_MOE_TEST_SEED={BASE_SEED}"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed per test (different tests draw different weights), derived from the run's base seed.
+
+    Put ``seed_note(seed)`` in assertion messages so a failure can be replayed.
+    """
+    return (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+
+
+def seed_note(seed: int) -> str:
+    return f"(test seed {seed}; replay the run with FLASH_MOE_TEST_SEED={BASE_SEED})"
+
+
+def derive_seed(label: str) -> int:
+    """A seed for module-scoped fixtures, which cannot use the per-test ``seed`` fixture."""
+    return (BASE_SEED + zlib.crc32(label.encode())) % 2**31
