@@ -253,6 +253,12 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
                     f"{q.get('group_size')}; convert with --bits {q.get('bits')} --group-size {q.get('group_size')} "
                     "to repack them without requantizing"
                 )
+            scales_dtype = index.tensors[s.prefix + "gate_proj.scales"].name
+            if scales_dtype != dtype:
+                raise CheckpointError(
+                    f"{src_path}: layer {i} experts are MLX-quantized with {scales_dtype} scales; convert with "
+                    f"--dtype {scales_dtype} to repack them without requantizing"
+                )
 
     settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
                 "num_experts": args.num_experts, "layers": moe_layers}
@@ -311,6 +317,9 @@ def _previous_checksums(dst: Path, settings: dict, layout: ExpertLayout) -> dict
         old = ModelLayout.read(dst)
         if old.expert != layout or old.num_experts != settings["num_experts"]:
             raise CheckpointError(f"{dst}: already holds a model converted with other settings; choose another destination")
-        final.unlink()  # rewritten at the end; until then the folder must not look complete
+        # Until layout.json is rewritten the folder must not look complete; progress.json keeps the
+        # finished layers known if this run stops before that.
+        _atomic_write_json(progress, {"settings": settings, "layers": {str(k): v for k, v in old.checksums.items()}})
+        final.unlink()
         return old.checksums
     return {}

@@ -18,11 +18,14 @@ def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
     """Score-weighted SwiGLU of the experts in slot arrays (S, ...): x [N, D], inds/scores [N, K] -> [N, D]."""
 
     def proj(name, h, idx, sorted_indices):
+        # Stored floats take the compute dtype, as the resident model's do at load: float32 scales
+        # must not promote a bfloat16 model's activations to float32.
+        cast = lambda a: a if a.dtype == h.dtype else a.astype(h.dtype)
         w = arrays[f"{name}.weight"]
         if not layout.quantized:
-            return gather_mm(h, w, idx, sorted_indices)
+            return gather_mm(h, cast(w), idx, sorted_indices)
         return mx.gather_qmm(
-            h, w, arrays[f"{name}.scales"], arrays[f"{name}.biases"], rhs_indices=idx, transpose=True,
+            h, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), rhs_indices=idx, transpose=True,
             group_size=layout.group_size, bits=layout.bits, sorted_indices=sorted_indices,
         )
 
@@ -47,7 +50,8 @@ class StreamingExperts(nn.Module):
             return y
         # More distinct experts than slots (a long prompt chunk): read them a slot set at a time and
         # compute only the (token, k) pairs routed to each group, so every expert is read once per chunk.
-        y = mx.zeros_like(x)
+        # The sum runs in float32, as the one-group sum over k does: in bfloat16 it is then bit-identical.
+        y = mx.zeros(x.shape, mx.float32)
         scores_flat = scores.reshape(-1)
         for first in range(0, len(uniq), cap):
             sel = np.nonzero((local >= first) & (local < first + cap))
@@ -57,6 +61,6 @@ class StreamingExperts(nn.Module):
                 x[mx.array(rows)], slots.arrays, mx.array(local[sel] - first)[:, None],
                 scores_flat[mx.array(flat)][:, None], self._layout,
             )
-            y = y.at[mx.array(rows)].add(part)
+            y = y.at[mx.array(rows)].add(part.astype(mx.float32))
             slots.consumed_by(y)
-        return y
+        return y.astype(x.dtype)
