@@ -34,6 +34,7 @@ class LoadedModel:
         self.raw_config = config
         self.path = path
         self.store = store
+        self.cache = None  # the ExpertCache, when one was asked for
         self._tokenizer = None
 
     @property
@@ -163,9 +164,23 @@ def read_packed_experts(path: Path, layout: ModelLayout, layer: int) -> dict:
     return out
 
 
-def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True) -> LoadedModel:
+def slot_buffers(layout: ModelLayout):
+    """The slot-buffer kind for this backend: page-locked host memory on CUDA (MLX's host arrays live in
+    managed memory there, ~2 GB/s to the GPU), plain MLX arrays on Apple and the CPU."""
+    from . import kernels
+
+    if kernels.BACKEND == "cuda" and layout.expert.quantized:
+        from .cuda_host import PinnedSlotBuffers
+
+        return PinnedSlotBuffers
+    return None
+
+
+def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
+                   cache_experts: int = 0) -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
+    from .expert_cache import ExpertCache
     from .experts import ResidentExperts
     from .store import ExpertStore
     from .streaming import StreamingExperts
@@ -178,11 +193,13 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     if not resident.exists():
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where = read_tensors([resident])
-    e, store = layout.expert, None
+    e, store, cache = layout.expert, None, None
     if stream:
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
-        store = ExpertStore(path, layout, capacity=capacity, threads=threads)
-        factory = lambda layer: StreamingExperts(store, layer)
+        store = ExpertStore(path, layout, capacity=capacity, threads=threads, buffers=slot_buffers(layout))
+        if cache_experts:
+            cache = ExpertCache(store, cache_experts)
+        factory = lambda layer: StreamingExperts(store, layer, cache)
     else:
         for layer in layout.moe_layers:
             weights.update(read_packed_experts(path, layout, layer))
@@ -190,11 +207,13 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     model = build_model(args, config.get("quantization"), set(weights), factory)
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
-    return LoadedModel(model, config, path, store)
+    loaded = LoadedModel(model, config, path, store)
+    loaded.cache = cache
+    return loaded
 
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
-         slots: int | None = None, threads: int = 8, stream: bool = True) -> LoadedModel:
+         slots: int | None = None, threads: int = 8, stream: bool = True, cache_experts: int = 0) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -205,10 +224,15 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             read in groups. Default: max(32, 2 K), at most the expert count.
         threads: reader threads of the ExpertStore.
         stream: for a converted folder, False reads every expert into memory once instead of per token.
+        cache_experts: keep up to this many experts (of any layer) in device memory in front of the store
+            (an ``ExpertCache``; for discrete GPUs). 0: the page cache is the only cache.
     """
     path = resolve(path_or_repo)
+    if (path / "progress.json").exists() and not (path / "layout.json").exists():
+        raise CheckpointError(f"{path}: the conversion into this folder did not finish; rerun flash-moe convert to resume it")
     if (path / "layout.json").exists():
-        loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream)
+        loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
+                                cache_experts=cache_experts)
     else:
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)

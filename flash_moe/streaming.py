@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import kernels
 from .experts import gather_mm, switch_glu
 from .layout import ExpertLayout
 
@@ -32,20 +33,32 @@ def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
     return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
 
 
+def expert_compute(x, arrays: dict, inds, scores, layout: ExpertLayout):
+    """The fused Metal/CUDA kernels where the backend has them, else ``slot_ffn`` (MLX ops)."""
+    if kernels.BACKEND == "ops" or not layout.quantized:
+        return slot_ffn(x, arrays, inds, scores, layout)
+    from .kernels.expert_ffn import expert_ffn
+
+    return expert_ffn(x, arrays, inds, scores, bits=layout.bits, group_size=layout.group_size)
+
+
 class StreamingExperts(nn.Module):
-    def __init__(self, store, layer: int):
+    def __init__(self, store, layer: int, cache=None):
         super().__init__()
         # Plain attributes (not parameters): the store owns the bytes, the model never saves them.
-        self._store, self._layer, self._layout = store, layer, store.layout.expert
+        self._store, self._layer, self._layout, self._cache = store, layer, store.layout.expert, cache
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         ids = np.array(inds)  # host sync: we must know what to read
         uniq, local = np.unique(ids, return_inverse=True)
         local = local.reshape(ids.shape).astype(np.int32)
+        if self._cache is not None and len(uniq) <= self._cache.capacity:
+            arrays, pos = self._cache.fetch(self._layer, uniq)  # device tier: hits cost no read, no copy
+            return expert_compute(x, arrays, mx.array(pos[local].astype(np.int32)), scores, self._layout)
         cap = self._store.capacity
         if len(uniq) <= cap:
             slots = self._store.fetch(self._layer, uniq)
-            y = slot_ffn(x, slots.arrays, mx.array(local), scores, self._layout)
+            y = expert_compute(x, slots.arrays, mx.array(local), scores, self._layout)
             slots.consumed_by(y)
             return y
         # More distinct experts than slots (a long prompt chunk): read them a slot set at a time and
@@ -57,7 +70,7 @@ class StreamingExperts(nn.Module):
             sel = np.nonzero((local >= first) & (local < first + cap))
             rows, flat = sel[0], np.ravel_multi_index(sel, ids.shape)
             slots = self._store.fetch(self._layer, uniq[first : first + cap])
-            part = slot_ffn(
+            part = expert_compute(
                 x[mx.array(rows)], slots.arrays, mx.array(local[sel] - first)[:, None],
                 scores_flat[mx.array(flat)][:, None], self._layout,
             )
