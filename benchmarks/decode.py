@@ -49,7 +49,7 @@ def drop_page_cache(files) -> str:
     return "NOT dropped (no permission): results are warm"
 
 
-def enter_memory_cap(limit: str) -> str:
+def enter_memory_cap(limit) -> str:
     cg = Path("/sys/fs/cgroup/flash_moe_bench")
     try:
         cg.mkdir(exist_ok=True)
@@ -98,19 +98,35 @@ def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, t
     }
 
 
-def peer_mlx_lm(config: dict, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
-    """mlx-lm decoding a resident 4-bit model of the same shapes (random weights, routers 8-bit)."""
+def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
+    """mlx-lm decoding the same weights, all resident: our resident.safetensors + every packed expert,
+    renamed to mlx-lm's qwen3_5_moe names."""
     import mlx.nn as nn
     from mlx_lm.generate import generate_step as lm_step
     from mlx_lm.models import qwen3_5_moe
 
+    from flash_moe.load import read_packed_experts
+
+    config = json.loads((folder / "config.json").read_text())
+    layout = ModelLayout.read(folder)
     cfg = {k2: v for k2, v in config.items() if k2 not in ("quantization", "flash_moe")}
-    cfg["num_experts_per_tok"] = k
-    rope = cfg.setdefault("rope_parameters", {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"})
-    rope.setdefault("type", rope.get("rope_type", "default"))
+    cfg.update(num_experts_per_tok=k, model_type="qwen3_5_moe_text")
     model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict({"model_type": "qwen3_5_moe", "text_config": cfg}))
-    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: (
-        {"group_size": 64, "bits": 8} if p.endswith(("mlp.gate", "shared_expert_gate")) else hasattr(m, "to_quantized")))
+    weights = dict(mx.load(str(folder / "resident.safetensors")))
+    for layer in layout.moe_layers:
+        weights.update(read_packed_experts(folder, layout, layer))
+    weights = {"language_model." + n.replace(".mlp.experts.", ".mlp.switch_mlp."): w for n, w in weights.items()}
+    e = layout.expert
+
+    def quantized(path, module):
+        scales = weights.get(f"{path}.scales")
+        if scales is None or not hasattr(module, "to_quantized"):
+            return False
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // (scales.shape[-1] * e.group_size)
+        return {"group_size": e.group_size, "bits": bits}
+
+    nn.quantize(model, class_predicate=quantized)
+    model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     out = []
     for t in range(trials + 1):  # the first is a warm-up
@@ -123,6 +139,8 @@ def peer_mlx_lm(config: dict, k: int, prompt_tokens: int, generation_tokens: int
         if t:
             out.append({"prompt_tps": prompt_tokens / (first - start),
                         "generation_tps": (generation_tokens - 1) / (end - first)})
+    del model, weights
+    mx.clear_cache()
     return {key: float(np.mean([o[key] for o in out])) for key in out[0]}
 
 
@@ -136,6 +154,10 @@ def main():
     p.add_argument("--threads", type=int, default=8, help="reader threads (pread test and ExpertStore)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each measurement")
     p.add_argument("--cap", default=None, help="cgroup-v2 memory.max for this process, e.g. 48G")
+    p.add_argument("--cap-fraction", type=float, default=None,
+                   help="after loading, cap new memory (page cache included) at this fraction of the expert bytes "
+                        "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
+    p.add_argument("--cache-experts", type=int, default=0, help="experts kept in device memory (ExpertCache)")
     p.add_argument("--peer", action="store_true", help="also run mlx-lm on a resident model of the same shapes")
     p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args()
@@ -155,7 +177,13 @@ def main():
     print(f"raw parallel pread ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
           f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s")
 
-    model = load(folder, experts_per_token=args.k, threads=args.threads)
+    model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts)
+    if args.cap_fraction is not None:
+        expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
+        # Charges made before the move stay outside the group: the cap then bounds what decoding adds,
+        # page cache included, as a laptop's free RAM bounds its page cache.
+        result["cap"] = enter_memory_cap(str(int(args.cap_fraction * expert_bytes + (1 << 30))))
+        print(f"memory cap after load: {result['cap']} ({args.cap_fraction:.2f} of {expert_bytes / 1e9:.1f} GB of experts)")
     decode_trial(model, 16, 4, seed=0)  # warm-up: kernels compiled, buffers touched
     trials = []
     for t in range(args.num_trials):
@@ -169,6 +197,9 @@ def main():
     print("Averages: " + ", ".join(f"{k2}={v:.3f}" for k2, v in avg.items()))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
     print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB")
+    if model.cache is not None:
+        result["device_cache"] = model.cache.totals()
+        print(f"device expert cache: {result['device_cache']}")
 
     if args.cold:
         drop_page_cache(files)
@@ -178,25 +209,25 @@ def main():
     summary = timer.summary()
     print(timer.table())
 
-    n = max(summary["tokens"], 1)
-    io = summary["io"]
+    # The bound: what decoding would cost if every missed byte came at the raw pread speed measured above
+    # and nothing else changed: (time not spent reading) + missed bytes / disk bandwidth, per token.
     eb = layout.expert.expert_bytes
-    missed = io.get("misses", 0) * eb / n
-    hit = io.get("hits", 0) * eb / n
-    compute_ms = summary["ms_per_token"] - summary["total"]["expert_io"]
+    tokens = sum(args.prompt_tokens + args.generation_tokens for _ in trials)
+    io = {key: sum(r["io"][key] for r in trials) / tokens for key in ("hits", "misses", "seconds")}
+    gen_ms = 1e3 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
+    missed, hit = io["misses"] * eb, io["hits"] * eb
+    compute_ms = max(gen_ms - 1e3 * io["seconds"], 0.0)
     bound_ms = 1e3 * missed / (disk["gb_per_s"] * 1e9) + compute_ms
-    actual_ms = 1e3 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
     result.update(trials=trials, average=avg, phases=summary, rss_mb=rss,
-                  bound={"missed_mb_per_token": missed / 1e6, "hit_mb_per_token": hit / 1e6,
-                         "compute_ms": compute_ms, "bound_ms": bound_ms, "actual_ms": actual_ms,
-                         "ratio": bound_ms / actual_ms})
-    print(f"per token: {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit (hit rate {100 * io.get('hit_rate', 0):.0f}%); "
-          f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms compute) vs "
-          f"{actual_ms:.1f} ms measured: ratio {bound_ms / actual_ms:.2f}")
+                  bound={"missed_mb_per_token": missed / 1e6, "hit_mb_per_token": hit / 1e6, "read_ms": 1e3 * io["seconds"],
+                         "compute_ms": compute_ms, "bound_ms": bound_ms, "actual_ms": gen_ms, "ratio": bound_ms / gen_ms})
+    print(f"per token (trials): {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit "
+          f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {1e3 * io['seconds']:.1f} ms; "
+          f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
+          f"{gen_ms:.1f} ms measured: ratio {bound_ms / gen_ms:.2f}")
 
     if args.peer:
-        config = json.loads((folder / "config.json").read_text())
-        peer = peer_mlx_lm(config, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
+        peer = peer_mlx_lm(folder, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
         result["peer"] = peer
         print(f"mlx-lm (resident, same shapes): prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
               f"{peer['generation_tps']:.3f}; flash_moe / mlx-lm generation: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
