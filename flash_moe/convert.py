@@ -207,17 +207,14 @@ def _write_resident(index: SafetensorsIndex, files: list[Path], expert_keys: set
     return quant
 
 
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+
+
 def resolve_source(src: str | Path, revision: str | None = None) -> Path:
     """A local folder, or a Hugging Face hub id downloaded with only the files conversion needs."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") != 1:
-        raise CheckpointError(f"{src}: no such folder (and not a hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
+    from .load import resolve
 
-    return Path(snapshot_download(str(src), revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]))
+    return resolve(src, revision, SOURCE_PATTERNS)
 
 
 def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 64, dtype: str = "bfloat16",

@@ -121,8 +121,8 @@ class LoadedModel:
 HUB_PATTERNS = ["*.json", "*.jinja", "*.txt", "tokenizer*", "*.safetensors", "experts/*.bin"]
 
 
-def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
-    """A local folder, or a hub id (``owner/name``) fetched with huggingface_hub, model files only."""
+def resolve(path_or_repo: str | Path, revision: str | None = None, patterns=HUB_PATTERNS) -> Path:
+    """A local folder, or a hub id (``owner/name``) fetched with huggingface_hub, ``patterns`` files only."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -132,7 +132,7 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except Exception as e:  # network, auth or missing repo: one clear line
         raise CheckpointError(f"{name}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {e})") from None
 

@@ -268,9 +268,9 @@ def test_hub_id_fetches_only_what_conversion_needs(sources, tmp_path, monkeypatc
 
 
 def test_missing_local_source(tmp_path):
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(CheckpointError, match="no such (model )?folder"):
         convert(tmp_path / "nope", tmp_path / "out", progress=False)
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(CheckpointError, match="no such (model )?folder"):
         convert("./not/a/hub/id", tmp_path / "out", progress=False)
 
 
