@@ -1,0 +1,196 @@
+"""Page-locked slot buffers for MLX's CUDA backend (a ``SlotBuffers`` for flash_moe/store.py).
+
+MLX's CUDA backend keeps host-made arrays in managed memory, which reaches the GPU at about
+2 GB/s. Here the store reads experts into page-locked (pinned) host memory instead, and
+``compute_arrays`` returns MLX arrays that one kernel (kernels/slot_pull.body) fills from it:
+
+- ``upload="mapped"``: the kernel pulls the slots straight from the pinned memory over PCIe,
+  inside MLX's stream, so the fetching thread does not wait for the transfer;
+- ``upload="copy"``: ``cudaMemcpyAsync`` moves them into a device staging buffer (~50 GB/s,
+  the fetching thread waits), then the kernel copies device to device.
+
+The CUDA runtime is the libcudart that MLX itself loaded, called through ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import sysconfig
+
+import mlx.core as mx
+import numpy as np
+
+from . import kernels
+from .layout import ExpertLayout
+
+_HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2
+_MEMCPY_HOST_TO_DEVICE = 1
+_STREAM_NON_BLOCKING = 1
+_ALIGN = 256
+_NUMPY = {"uint32": np.uint32, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_MLX = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_PULL_THREADS = 65536
+
+
+def _find_cudart() -> str:
+    """Path of libcudart: the copy MLX already loaded, else one from the nvidia-* wheels."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libcudart.so" in path:
+                    return path
+    except OSError:
+        pass
+    roots = {sysconfig.get_paths()["purelib"], *(p for p in sys.path if os.path.isdir(os.path.join(p, "nvidia")))}
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libcudart.so*")))
+        if found:
+            return found[-1]
+    raise OSError("libcudart not found: is MLX's CUDA build installed (mlx[cuda13], nvidia-cuda-runtime)?")
+
+
+class CudaRuntime:
+    """The few CUDA runtime calls the pinned path needs; every call's error is raised with its name."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path or _find_cudart()
+        lib = ctypes.CDLL(self.path)
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        signatures = {
+            "cudaHostAlloc": (ctypes.POINTER(vp), sz, ctypes.c_uint),
+            "cudaFreeHost": (vp,),
+            "cudaHostGetDevicePointer": (ctypes.POINTER(vp), vp, ctypes.c_uint),
+            "cudaMalloc": (ctypes.POINTER(vp), sz),
+            "cudaFree": (vp,),
+            "cudaMemcpyAsync": (vp, vp, sz, ctypes.c_int, vp),
+            "cudaStreamCreateWithFlags": (ctypes.POINTER(vp), ctypes.c_uint),
+            "cudaStreamSynchronize": (vp,),
+            "cudaStreamDestroy": (vp,),
+        }
+        for name, args in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = (ctypes.c_int,), ctypes.c_char_p
+        self._lib = lib
+
+    def __call__(self, name: str, *args, what: str = "") -> None:
+        err = getattr(self._lib, name)(*args)
+        if err:
+            message = self._lib.cudaGetErrorString(err).decode()
+            raise RuntimeError(f"{name} failed ({err}: {message}){' ' + what if what else ''} [{self.path}]")
+
+    def host_alloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        flags = _HOST_ALLOC_PORTABLE | _HOST_ALLOC_MAPPED
+        self("cudaHostAlloc", ctypes.byref(ptr), nbytes, flags, what=f"for {nbytes} bytes of pinned memory")
+        return ptr.value
+
+    def device_pointer(self, host_ptr: int) -> int:
+        ptr = ctypes.c_void_p()
+        self("cudaHostGetDevicePointer", ctypes.byref(ptr), ctypes.c_void_p(host_ptr), 0)
+        return ptr.value
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        self("cudaMalloc", ctypes.byref(ptr), nbytes, what=f"for {nbytes} bytes")
+        return ptr.value
+
+    def stream(self) -> int:
+        ptr = ctypes.c_void_p()
+        self("cudaStreamCreateWithFlags", ctypes.byref(ptr), _STREAM_NON_BLOCKING)
+        return ptr.value
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class PinnedSlotBuffers:
+    """Slot sets in pinned host memory, handed to MLX by one pull kernel per fetch.
+
+    Same contract as ``store.HostSlotBuffers``; quantized layouts only (9 tensors per expert).
+    ``compute_arrays`` returns fresh MLX arrays (capacity, *shape) whose first ``count`` slots
+    are filled when they are evaluated; the store's ``consumed_by`` keeps the host memory of
+    a set unchanged until then.
+    """
+
+    def __init__(self, layout: ExpertLayout, capacity: int, num_sets: int, *, upload: str = "mapped"):
+        if not layout.quantized or len(layout.tensors) != 9:
+            raise NotImplementedError("PinnedSlotBuffers: quantized layouts only; use HostSlotBuffers for bits 16")
+        if upload not in ("mapped", "copy"):
+            raise ValueError(f"upload must be 'mapped' or 'copy', got {upload!r}")
+        for t in layout.tensors:
+            if t.nbytes % 16:
+                raise ValueError(f"PinnedSlotBuffers: {t.name} has {t.nbytes} bytes per expert, not a multiple of 16")
+        self.layout, self.capacity, self.num_sets, self.upload = layout, capacity, num_sets, upload
+        self.cuda = CudaRuntime()
+        self._offsets, pos = [], 0
+        for t in layout.tensors:
+            self._offsets.append(pos)
+            pos = _align(pos + capacity * t.nbytes)
+        self.set_bytes = pos
+        self._host_ptrs, self._device_ptrs, self._views, self._meta = [], [], [], []
+        self._stream = self.cuda.stream() if upload == "copy" else None
+        try:
+            for _ in range(num_sets):
+                host = self.cuda.host_alloc(self.set_bytes)
+                self._host_ptrs.append(host)
+                source = self.cuda.device_pointer(host) if upload == "mapped" else self.cuda.malloc(self.set_bytes)
+                if upload == "copy":
+                    self._device_ptrs.append(source)
+                self._views.append(self._host_views(host))
+                meta = [source] + [v for t, off in zip(layout.tensors, self._offsets) for v in (off, t.nbytes)]
+                self._meta.append(mx.array(np.array(meta, dtype=np.int64)))
+            mx.eval(self._meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _host_views(self, host_ptr: int) -> dict[str, np.ndarray]:
+        views = {}
+        for t, off in zip(self.layout.tensors, self._offsets):
+            raw = (ctypes.c_char * (self.capacity * t.nbytes)).from_address(host_ptr + off)
+            views[t.name] = np.frombuffer(raw, dtype=_NUMPY[t.dtype]).reshape(self.capacity, *t.shape)
+        return views
+
+    def host_views(self, index: int) -> dict[str, np.ndarray]:
+        return self._views[index]
+
+    def compute_arrays(self, index: int, count: int | None = None) -> dict[str, mx.array]:
+        count = self.capacity if count is None else count
+        tensors = self.layout.tensors
+        if self.upload == "copy":
+            dst, src = self._device_ptrs[index], self._host_ptrs[index]
+            for t, off in zip(tensors, self._offsets):
+                self.cuda(
+                    "cudaMemcpyAsync", ctypes.c_void_p(dst + off), ctypes.c_void_p(src + off),
+                    count * t.nbytes, _MEMCPY_HOST_TO_DEVICE, ctypes.c_void_p(self._stream), what=t.name,
+                )
+            self.cuda("cudaStreamSynchronize", ctypes.c_void_p(self._stream))
+        outputs = kernels.launch(
+            "slot_pull",
+            "cuda",
+            {"meta": self._meta[index]},
+            {f"t{i}": ((self.capacity, *t.shape), _MLX[t.dtype]) for i, t in enumerate(tensors)},
+            {"COUNT": count, "WARPS": 8, "NTHREADS": _PULL_THREADS},
+            grid=(_PULL_THREADS, 1, 1),
+        )
+        return {t.name: a for t, a in zip(tensors, outputs)}
+
+    @property
+    def nbytes(self) -> int:
+        return self.set_bytes * len(self._host_ptrs)
+
+    def close(self) -> None:
+        """Free the memory: only once nothing computed from these sets is still pending."""
+        for ptr in self._host_ptrs:
+            self.cuda("cudaFreeHost", ctypes.c_void_p(ptr))
+        for ptr in self._device_ptrs:
+            self.cuda("cudaFree", ctypes.c_void_p(ptr))
+        if self._stream:
+            self.cuda("cudaStreamDestroy", ctypes.c_void_p(self._stream))
+        self._host_ptrs, self._device_ptrs, self._views, self._stream = [], [], [], None

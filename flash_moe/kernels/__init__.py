@@ -1,0 +1,144 @@
+"""GPU kernels for the routed experts, and the one place that picks a backend.
+
+``BACKEND`` is ``$FLASH_MOE_BACKEND`` when set ("metal", "cuda" or "ops"), else the GPU
+that MLX has, else "ops" (pure MLX ops: the reference and the CPU path).
+
+Kernel sources are files beside this module: one body per op (``<op>.body``), written
+once against a small dialect (``metal.h`` / ``cuda.h``: types, address spaces, barriers,
+SIMD sums) plus shared helpers (``quant.h``). ``build`` glues dialect, helpers and body
+and hands them to ``mx.fast.metal_kernel`` or ``mx.fast.cuda_kernel``, so a CUDA run
+exercises the same code the Metal build compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+BACKENDS = ("metal", "cuda", "ops")
+SOURCE_DIR = Path(__file__).parent
+
+
+def _default_backend() -> str:
+    forced = os.environ.get("FLASH_MOE_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"FLASH_MOE_BACKEND={forced!r}: expected one of {BACKENDS}")
+        return forced
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "ops"
+
+
+BACKEND = _default_backend()
+
+
+def resolve_backend(backend: str | None) -> str:
+    backend = backend or BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+    return backend
+
+
+def _read(name: str) -> str:
+    # #line makes compiler errors name the file and line they come from.
+    return f'#line 1 "{name}"\n' + (SOURCE_DIR / name).read_text() + "\n"
+
+
+def kernel_source(name: str, backend: str) -> tuple[str, str]:
+    """(header, body) of kernel ``name`` in ``backend``'s dialect, as ``build`` compiles them."""
+    if backend not in ("metal", "cuda"):
+        raise ValueError(f"kernel {name!r}: no kernel source for backend {backend!r}")
+    header = _read(f"{backend}.h") + _read("quant.h")
+    # The prologue names the thread indices; MLX adds Metal's index attributes to the
+    # signature only when their names appear in the body, so it must be part of it.
+    body = _read(f"{backend}_prologue.h") + _read(f"{name}.body")
+    return header, body
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str, input_names: tuple[str, ...], output_names: tuple[str, ...], backend: str | None = None):
+    """The compiled-on-first-use kernel ``name`` (``<name>.body``) for ``backend``."""
+    backend = resolve_backend(backend)
+    header, body = kernel_source(name, backend)
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=f"flash_moe_{name}",
+        input_names=list(input_names),
+        output_names=list(output_names),
+        source=body,
+        header=header,
+    )
+
+
+KERNEL_BITS = (2, 3, 4, 5, 6, 8)
+WARPS = 4  # warps of 32 threads per threadgroup
+ROWS = 4  # output rows per warp (halved until it divides the output dimension)
+MAX_TILE = 4096  # values of x staged in shared memory at once (16.5 KB)
+SHARED_BYTES = {"metal": 32 * 1024, "cuda": 48 * 1024}  # static shared-memory limits
+
+
+def matvec_template(what: str, in_dim: int, out_dim: int, bits: int, group_size: int) -> dict[str, int]:
+    """Compile-time constants shared by the matvec-shaped kernels (see quant.h)."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"{what}: the kernels take bits in {KERNEL_BITS}, got {bits}")
+    if group_size % 32 or in_dim % group_size:
+        raise ValueError(
+            f"{what}: group size {group_size} must be a multiple of 32 that divides the input dimension {in_dim}"
+        )
+    rows = ROWS
+    while out_dim % rows:
+        rows //= 2
+    return {
+        "BITS": bits,
+        "GROUP_SIZE": group_size,
+        "IN_DIM": in_dim,
+        "OUT_DIM": out_dim,
+        "ROWS": rows,
+        "WARPS": WARPS,
+        "TILE": min(in_dim, MAX_TILE),
+    }
+
+
+def launch(
+    name: str,
+    backend: str,
+    inputs: dict[str, mx.array],
+    outputs: dict[str, tuple[tuple[int, ...], mx.Dtype]],
+    template: dict[str, int],
+    grid: tuple[int, int, int],
+    init_value: float | None = None,
+) -> list[mx.array]:
+    """Run kernel ``name``; ``init_value`` pre-fills the outputs (tests poison them with NaN)."""
+    kernel = build(name, tuple(inputs), tuple(outputs), backend)
+    return kernel(
+        inputs=list(inputs.values()),
+        template=list(template.items()),
+        grid=grid,
+        threadgroup=(32 * template["WARPS"], 1, 1),
+        output_shapes=[shape for shape, _ in outputs.values()],
+        output_dtypes=[dtype for _, dtype in outputs.values()],
+        init_value=init_value,
+    )
+
+
+from .dequant_matvec import dequant_matvec, dequant_matvec_ref  # noqa: E402
+from .expert_ffn import expert_ffn, expert_ffn_ref  # noqa: E402
+
+__all__ = [
+    "BACKEND",
+    "build",
+    "dequant_matvec",
+    "dequant_matvec_ref",
+    "expert_ffn",
+    "expert_ffn_ref",
+    "kernel_source",
+    "launch",
+    "matvec_template",
+    "resolve_backend",
+]
