@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
-step() { local name=$1; shift; echo "=== $name: $*"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/$name.log"; }
+step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]" | tee -a "$OUT/suite.log"; }
 [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
 E=$(python3 -c "import json;d=json.load(open('$M/layout.json'));print(d['num_experts']*len(d['layers']))")
 step warm_k4_peer python3 benchmarks/decode.py --model "$M" --k 4 -g "$G" --peer --json "$OUT/warm_k4_peer.json"
