@@ -158,6 +158,8 @@ def main():
                    help="after loading, cap new memory (page cache included) at this fraction of the expert bytes "
                         "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
     p.add_argument("--cache-experts", type=int, default=0, help="experts kept in device memory (ExpertCache)")
+    p.add_argument("--warm-prompt", type=int, default=0,
+                   help="before the trials, prefill this many random tokens (touches every expert: warms the caches)")
     p.add_argument("--peer", action="store_true", help="also run mlx-lm on a resident model of the same shapes")
     p.add_argument("--json", default=None, help="write all numbers to this file")
     args = p.parse_args()
@@ -185,6 +187,10 @@ def main():
         result["cap"] = enter_memory_cap(str(int(args.cap_fraction * expert_bytes + (1 << 30))))
         print(f"memory cap after load: {result['cap']} ({args.cap_fraction:.2f} of {expert_bytes / 1e9:.1f} GB of experts)")
     decode_trial(model, 16, 4, seed=0)  # warm-up: kernels compiled, buffers touched
+    if args.warm_prompt:
+        warm = decode_trial(model, args.warm_prompt, 2, seed=1)
+        print(f"warm-up prefill of {args.warm_prompt} tokens: {warm['prompt_tps']:.1f} tok/s, read {warm['io']['experts']} experts"
+              + (f"; device cache {model.cache.totals()}" if model.cache is not None else ""))
     trials = []
     for t in range(args.num_trials):
         if args.cold:

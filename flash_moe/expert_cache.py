@@ -74,8 +74,8 @@ class ExpertCache:
                 at = mx.array([v])
                 # slice_update donates the cache buffer (in place; a gather-scatter would copy the whole
                 # cache: 25 ms vs 0.7 ms per expert into 1 GiB, measured on CPU).
-                for name, a in self.arrays.items():
-                    self.arrays[name] = mx.slice_update(a, slots.arrays[name][i : i + 1], at, axes=(0,))
+                for name in self.arrays:  # no other reference to the old array may survive, or MLX copies it
+                    self.arrays[name] = mx.slice_update(self.arrays[name], slots.arrays[name][i : i + 1], at, axes=(0,))
             # Evaluate now: frees the slot set and leaves no pending reference that would force a copy later.
             mx.eval(list(self.arrays.values()))
 

@@ -258,6 +258,22 @@ def _shutdown(pool: _ReadPool, files: _LayerFiles, buffers, pending: list[list])
     buffers.close()
 
 
+def _chunks(iov: list[memoryview], size: int) -> list[tuple[int, list[memoryview], int]]:
+    """Cut one expert's buffer list into reads of about ``size`` bytes: (offset in expert, buffers, bytes)."""
+    chunks, cur, cur_bytes, start = [], [], 0, 0
+    for buf in iov:
+        while len(buf):
+            take = min(len(buf), size - cur_bytes)
+            cur.append(buf[:take])
+            buf, cur_bytes = buf[take:], cur_bytes + take
+            if cur_bytes == size:
+                chunks.append((start, cur, cur_bytes))
+                start, cur, cur_bytes = start + cur_bytes, [], 0
+    if cur:
+        chunks.append((start, cur, cur_bytes))
+    return chunks
+
+
 def _probe_mode(probe_cache: bool) -> str | None:
     if not probe_cache:
         return None
@@ -286,6 +302,7 @@ class ExpertStore:
         capacity: int,
         num_sets: int = 2,
         threads: int = 8,
+        read_chunk: int = 2 << 20,
         buffers=None,
         probe_cache: bool = True,
     ):
@@ -298,6 +315,9 @@ class ExpertStore:
         self.capacity, self.num_sets = capacity, num_sets
         expert = self.layout.expert
         self._stride, self._expert_bytes = expert.stride, expert.expert_bytes
+        if read_chunk < 4096:
+            raise ValueError(f"read_chunk must be >= 4096 bytes, got {read_chunk}")
+        self._read_chunk = read_chunk
         self._probe = _probe_mode(probe_cache)
         self._files = _LayerFiles(self.folder, self.layout)
         # One scratch area takes the alignment padding between tensors; its content is never used.
@@ -316,7 +336,7 @@ class ExpertStore:
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._files, self.buffers, self._pending)
 
     def _plan(self, views: dict[str, np.ndarray]) -> list[list]:
-        """Per slot, the preadv buffer list covering one expert's bytes in file order."""
+        """Per slot, the expert's bytes in file order as read chunks [(offset in expert, buffers, bytes)]."""
         plan = []
         for slot in range(self.capacity):
             iov, pos = [], 0
@@ -328,7 +348,7 @@ class ExpertStore:
                     raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
                 iov.append(memoryview(view[slot]).cast("B"))
                 pos = t.offset + t.nbytes
-            plan.append(iov)
+            plan.append(_chunks(iov, self._read_chunk))
         return plan
 
     @property
@@ -360,21 +380,26 @@ class ExpertStore:
                 mx.eval(*pending)  # the computation that used this set must finish before we overwrite it
                 pending.clear()
             iovecs = self._iovecs[index]
+            # Every chunk of every expert goes to the pool at once: K whole-expert reads would keep only
+            # K threads copying (page-cache hits are memcpy-bound per thread).
+            jobs = [(fd, iov, layer, ids[slot], delta, size) for slot in range(n) for delta, iov, size in iovecs[slot]]
             start = time.perf_counter()
-            for slot in range(1, n):
-                self._pool.submit(self._read_expert, (fd, iovecs[slot], layer, ids[slot]), done)
+            for job in jobs[1:]:
+                self._pool.submit(self._read_chunk_of, job, done)
             results = []
-            if n:
+            if jobs:
                 try:
-                    results.append(self._read_expert(fd, iovecs[0], layer, ids[0]))
+                    results.append(self._read_chunk_of(*jobs[0]))
                 except Exception as e:  # noqa: BLE001 - raised below, once the other reads are done
                     results.append(e)
-            results += [done.get() for _ in range(n - 1)]
+            results += [done.get() for _ in range(len(jobs) - 1)]
             seconds = time.perf_counter() - start
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
-            self._record(layer, ids, results, seconds)
+            per = len(iovecs[0]) if n else 1  # chunks per expert, in job order
+            hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
+            self._record(layer, ids, hits, seconds)
             arrays = self.buffers.compute_arrays(index, n)
         return SlotSet(arrays, n, ids, index, pending)
 
@@ -400,9 +425,9 @@ class ExpertStore:
             raise ValueError(f"layer {layer}: expert ids must be distinct, got {dup} more than once")
         return ids
 
-    def _read_expert(self, fd: int, iov: list, layer: int, expert: int) -> bool | None:
-        """One expert, one preadv. Returns whether it was a page-cache hit (None when not probed)."""
-        offset, nbytes = expert * self._stride, self._expert_bytes
+    def _read_chunk_of(self, fd: int, iov: list, layer: int, expert: int, delta: int, nbytes: int) -> bool | None:
+        """One chunk of one expert, one preadv. Returns whether it was a page-cache hit (None when not probed)."""
+        offset = expert * self._stride + delta
         try:
             if self._probe == "nowait":
                 try:

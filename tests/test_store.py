@@ -399,3 +399,29 @@ def test_swappable_buffers_and_close(tmp_path, rng):
 
     with pytest.raises(ValueError, match=r"slot buffer up_proj\.scales: host view"):
         ExpertStore(tmp_path, capacity=2, buffers=WrongShapeBuffers)
+
+
+@pytest.mark.parametrize("read_chunk", [4096, 6000 * 4, 1 << 30])
+def test_chunked_reads_are_byte_exact_and_count_hits_per_expert(tmp_path, rng, read_chunk):
+    """Experts read as several chunks (cut inside tensors and across alignment gaps) land exactly;
+    an expert counts as a hit only when all its chunks were."""
+    layout = make_model(tmp_path, rng, ExpertLayout(256, 128, bits=8, dtype="float32"))
+    with ExpertStore(tmp_path, capacity=4, threads=3, read_chunk=read_chunk) as store:
+        plan = store._iovecs[0][0]
+        assert sum(size for _, _, size in plan) == layout.expert.expert_bytes
+        assert [d for d, _, _ in plan] == list(np.cumsum([0] + [s for _, _, s in plan])[:-1])
+        assert len(plan) == -(-layout.expert.expert_bytes // read_chunk)
+        for ids in ([3, 0, 7], [6], [1, 2, 4, 5]):
+            check_slots(tmp_path, layout, 1, store.fetch(1, ids), ids)
+        if store.probe == "nowait" and _drop_from_page_cache(tmp_path / layout.layer_file(3)):
+            store.stats.reset()
+            store.fetch(3, [2, 5])
+            assert store.stats.misses[3] == 2 and store.stats.hits[3] == 0
+            store.fetch(3, [2, 5])
+            assert store.stats.hits[3] == 2
+
+
+def test_read_chunk_too_small(tmp_path, rng):
+    make_model(tmp_path, rng, ExpertLayout(HIDDEN, INTERMEDIATE, bits=4))
+    with pytest.raises(ValueError, match="read_chunk"):
+        ExpertStore(tmp_path, capacity=2, read_chunk=100)
