@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")
-    p.add_argument("--prompt", default="def ", help="prompt (default: 'def ')")
+    p.add_argument("--prompt", default="def main", help="prompt (default: 'def main')")
     p.add_argument("--max-tokens", type=int, default=80, help="tokens to generate (default 80)")
     p.add_argument("--no-timing", action="store_true", help="skip the timing table")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")

@@ -136,9 +136,9 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
     if not ids:
         raise ValueError("the prompt is empty")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    eos = set(getattr(tok, "eos_token_ids", None) or [])
-    for t in (tok.eos_token_id, model.config.eos_token_id):
-        eos.update(t if isinstance(t, list) else [t] if t is not None else [])
+    eos = set()
+    for t in (getattr(tok, "eos_token_ids", None), tok.eos_token_id, model.config.eos_token_id):
+        eos.update(t if isinstance(t, (list, tuple, set)) else [t] if t is not None else [])
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty)
     parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids))

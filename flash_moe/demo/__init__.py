@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ASSETS = Path(__file__).parent
-SKIP = {"__init__.py", "__pycache__", "README.md"}
+SKIP = {"__init__.py", "__pycache__", "README.md", "training_log.json"}
 
 
 def home() -> Path:
@@ -52,7 +52,7 @@ def build(rebuild: bool = False, progress: bool = True, out=sys.stderr) -> Path:
     return converted
 
 
-def run_demo(prompt: str = "def ", max_tokens: int = 80, timing: bool = True, rebuild: bool = False,
+def run_demo(prompt: str = "def main", max_tokens: int = 80, timing: bool = True, rebuild: bool = False,
              out=sys.stdout) -> str:
     """Build (once), load with streamed experts, generate, and print the timing table and expert usage."""
     from .. import load
