@@ -60,21 +60,38 @@ def enter_memory_cap(limit) -> str:
         sys.exit(f"--cap needs root and cgroup v2 with the memory controller: {e}")
 
 
-def pread_test(folder: Path, layout: ModelLayout, k: int, tokens: int, threads: int, seed: int) -> dict:
-    """K random experts per MoE layer per token, one pread each, `threads` in parallel."""
+def pread_test(folder: Path, layout: ModelLayout, k: int, tokens: int, threads: int, seed: int,
+               per_layer: bool = False, chunk: int = 2 << 20) -> dict:
+    """K random experts per MoE layer per token, read with plain os.preadv on `threads` threads.
+
+    per_layer=False: every read of every token submitted at once (deep queue: what the disk can do).
+    per_layer=True: one layer's K experts at a time, each cut into `chunk`-byte reads, waiting for the layer
+    (decoding's own pattern: the next layer's experts are unknown until this one is computed)."""
     e = layout.expert
     rng = np.random.default_rng(seed)
     fds = {l: os.open(folder / layout.layer_file(l), os.O_RDONLY) for l in layout.moe_layers}
-    bufs = [bytearray(e.expert_bytes) for _ in range(k)]
-    jobs = [(fds[l], int(x)) for _ in range(tokens) for l in layout.moe_layers
-            for x in rng.choice(layout.num_experts, k, replace=False)]
+    buf = bytearray(e.expert_bytes * k)
+    pieces = [(j * e.expert_bytes + a, min(chunk, e.expert_bytes - a)) for j in range(k) for a in range(0, e.expert_bytes, chunk)]
+    steps = [[(fds[l], int(x)) for x in rng.choice(layout.num_experts, k, replace=False)]
+             for _ in range(tokens) for l in layout.moe_layers]
+    view = memoryview(buf)
+
+    def read(job):
+        fd, expert, (at, n) = job
+        return os.preadv(fd, [view[at : at + n]], expert * e.stride + at % e.expert_bytes)
+
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda j: os.preadv(j[0], [bufs[j[1] % k]], j[1] * e.stride), jobs))
+        if per_layer:
+            for step in steps:
+                list(pool.map(read, [(fd, x, p) for j, (fd, x) in enumerate(step) for p in pieces if p[0] // e.expert_bytes == j]))
+        else:
+            list(pool.map(read, [(fd, x, p) for step in steps for j, (fd, x) in enumerate(step) for p in pieces
+                                 if p[0] // e.expert_bytes == j]))
     secs = time.perf_counter() - start
     for fd in fds.values():
         os.close(fd)
-    return {"gb_per_s": len(jobs) * e.expert_bytes / secs / 1e9, "seconds": secs, "reads": len(jobs)}
+    return {"gb_per_s": len(steps) * k * e.expert_bytes / secs / 1e9, "seconds": secs, "reads": len(steps) * k}
 
 
 def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, timer=None) -> dict:
@@ -175,9 +192,11 @@ def main():
     cache_state = drop_page_cache(files) if args.cold else "warm (not dropped)"
     disk = pread_test(folder, layout, args.k, 8, args.threads, seed=1)
     warm = pread_test(folder, layout, args.k, 8, args.threads, seed=1)  # the same reads again: page cache
-    result["pread"] = {"first": disk, "repeat": warm, "cache": cache_state}
+    layered = pread_test(folder, layout, args.k, 8, args.threads, seed=1, per_layer=True)
+    result["pread"] = {"first": disk, "repeat": warm, "repeat_per_layer": layered, "cache": cache_state}
     print(f"raw parallel pread ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
-          f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s")
+          f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s, "
+          f"repeat one layer at a time {layered['gb_per_s']:.2f} GB/s")
 
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts)
     if args.cap_fraction is not None:
@@ -186,7 +205,7 @@ def main():
         # page cache included, as a laptop's free RAM bounds its page cache.
         result["cap"] = enter_memory_cap(str(int(args.cap_fraction * expert_bytes + (1 << 30))))
         print(f"memory cap after load: {result['cap']} ({args.cap_fraction:.2f} of {expert_bytes / 1e9:.1f} GB of experts)")
-    decode_trial(model, 16, 4, seed=0)  # warm-up: kernels compiled, buffers touched
+    decode_trial(model, args.prompt_tokens, 4, seed=0)  # warm-up at the trials' shapes (kernels compile per shape)
     if args.warm_prompt:
         warm = decode_trial(model, args.warm_prompt, 2, seed=1)
         print(f"warm-up prefill of {args.warm_prompt} tokens: {warm['prompt_tps']:.1f} tok/s, read {warm['io']['experts']} experts"
@@ -227,6 +246,11 @@ def main():
     result.update(trials=trials, average=avg, phases=summary, rss_mb=rss,
                   bound={"missed_mb_per_token": missed / 1e6, "hit_mb_per_token": hit / 1e6, "read_ms": 1e3 * io["seconds"],
                          "compute_ms": compute_ms, "bound_ms": bound_ms, "actual_ms": gen_ms, "ratio": bound_ms / gen_ms})
+    store_gbps = (io["hits"] + io["misses"]) * eb / max(io["seconds"], 1e-9) / 1e9
+    result["store_vs_plain"] = {"store_gb_per_s": store_gbps, "plain_per_layer_gb_per_s": layered["gb_per_s"],
+                                "plain_deep_queue_gb_per_s": warm["gb_per_s"]}
+    print(f"ExpertStore while the model runs: {store_gbps:.2f} GB/s = {store_gbps / layered['gb_per_s']:.2f} x plain "
+          f"pread one layer at a time, {store_gbps / warm['gb_per_s']:.2f} x plain pread with a deep queue")
     print(f"per token (trials): {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit "
           f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {1e3 * io['seconds']:.1f} ms; "
           f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
