@@ -89,9 +89,14 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
 
 
 def _reply(model, history, schemas, enable_thinking, out, sampling) -> tuple[str, list]:
-    content, calls = "", []
+    content, calls, shown = "", [], None
     for r in model.stream_generate(history, tools=schemas, enable_thinking=enable_thinking, **sampling):
-        print(r.content, end="", flush=True, file=out)
+        # Thinking is shown (a thinking model may spend the whole reply on it), marked off from the answer.
+        for kind, text in (("reasoning", r.reasoning), ("content", r.content)):
+            if text and kind != shown:
+                print("\n" * (shown is not None) + ("[thinking] " if kind == "reasoning" else ""), end="", file=out)
+                shown = kind
+            print(text, end="", flush=True, file=out)
         content, calls = content + r.content, calls + r.tool_calls
     print(file=out)
     return content, calls

@@ -50,12 +50,12 @@ def cmd_generate(args) -> None:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
     timer = PhaseTimer(model).install() if args.timing else None
-    last = None
+    last, calls = None, []
     for r in model.stream_generate(prompt, chat=chat, timer=timer, **_sampling(args)):
         print(r.text, end="", flush=True)
-        last = r
+        last, calls = r, calls + r.tool_calls  # each call comes with the step that completes it
     print()
-    for call in last.tool_calls if last else []:
+    for call in calls:
         print(f"[tool call] {call}")
     if last:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-tools", action="store_true", help="offer no tools to the model")
-    p.add_argument("--think", action="store_true", default=None, help="enable thinking (if the template supports it)")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn thinking on or off (default: the chat template's default)")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 

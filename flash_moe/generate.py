@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
 from .sample import make_logits_processors, make_sampler, step_keys
-from .tool_calls import ToolCallStreamParser
+from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
 
 
 def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=None, logits_processors=(),
@@ -22,6 +23,8 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
     sampler = sampler or make_sampler()
     cache = model.make_cache()
     tokens = prompt
+    if timer:
+        timer.start_prefill()
     # Prefill in chunks: each chunk reads its experts once per layer, not once per token.
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
@@ -32,7 +35,8 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
         timer.start_decode()
     keys, y = step_keys(seed), prompt
     for _ in range(max_tokens):
-        logits = model(y[None], cache)[0, -1]
+        # float32: top-p's cumulative sum and the log-normaliser run over the whole vocabulary (bf16 loses both)
+        logits = model(y[None], cache)[0, -1].astype(mx.float32)
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
@@ -91,6 +95,12 @@ class StreamingDetokenizer:
             self.tokens, self.emitted = [], ""
         return new
 
+    def flush(self) -> str:
+        """At the end: what is still held back (an unfinished character decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False) if self.tokens else ""
+        self.tokens, self.emitted, new = [], "", text[len(self.emitted):]
+        return new
+
 
 def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None) -> list[int]:
     """A string is encoded as is (or chat-templated if ``chat``); a list of messages goes through the template."""
@@ -107,6 +117,8 @@ def _message(m: dict) -> dict:
     m = dict(m)
     calls = []
     for c in m.get("tool_calls") or []:
+        if isinstance(c, ToolCallError):  # a malformed call has no name or arguments to render
+            continue
         if hasattr(c, "name"):
             c = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
         fn = dict(c.get("function", c))
@@ -118,7 +130,26 @@ def _message(m: dict) -> dict:
         calls.append({**c, "function": fn})
     if calls:
         m["tool_calls"] = calls
+    elif m.get("tool_calls"):
+        del m["tool_calls"]
     return m
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Tokens that end generation: the tokenizer's and config.json's, and generation_config.json's as
+    transformers and mlx-lm use them (Qwen lists <|endoftext|> there beside <|im_end|>)."""
+    extra = None
+    path = getattr(model, "path", None)
+    if path is not None and (Path(path) / "generation_config.json").exists():
+        file = Path(path) / "generation_config.json"
+        try:
+            extra = json.loads(file.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{file}: not a JSON object ({e})") from None
+    eos = set()
+    for t in (getattr(tokenizer, "eos_token_ids", None), tokenizer.eos_token_id, model.config.eos_token_id, extra):
+        eos.update(t if isinstance(t, (list, tuple, set)) else [t] if t is not None else [])
+    return eos
 
 
 def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -135,15 +166,13 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
         ids = prompt_tokens(tok, prompt, tools=tools, enable_thinking=enable_thinking, chat=chat)
     if not ids:
         raise ValueError("the prompt is empty")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    eos = set()
-    for t in (getattr(tok, "eos_token_ids", None), tok.eos_token_id, model.config.eos_token_id):
-        eos.update(t if isinstance(t, (list, tuple, set)) else [t] if t is not None else [])
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    eos = eos_token_ids(model, tok)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty)
     parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids))
     detok, store = StreamingDetokenizer(tok), getattr(model, "store", None)
-    text, n, tic = "", 0, time.perf_counter()
+    pending, n, tic = "", 0, time.perf_counter()  # pending: text that may be the start of a stop string
     io_before = store.stats.snapshot() if store else None
     prompt_tps = 0.0
     mx.reset_peak_memory()
@@ -157,12 +186,16 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
             now = store.stats.snapshot()
             io, io_before = now.delta(io_before).totals(), now
         finish = "stop" if token in eos else "length" if n == max_tokens else None
-        delta = "" if token in eos else detok.add(token)
-        text += delta
-        for s in stop:
-            if s in text:  # cut at the stop string; it may have arrived split over several tokens
-                cut = text.index(s)
-                delta, text, finish = delta[: max(0, len(delta) - (len(text) - cut))], text[:cut], "stop"
+        pending += "" if token in eos else detok.add(token)
+        if finish:
+            pending += detok.flush()
+        # A stop string may arrive split over several tokens: text that could begin one is held back.
+        cut = min((i for s in stop if (i := pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            delta, pending, finish = pending[:cut], "", "stop"
+        else:
+            keep = _partial_tag_len(pending, stop) if stop and not finish else 0
+            delta, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
         events = parser.feed(delta) + (parser.finish() if finish else [])
         yield GenerationResponse(
             text=delta, token=token, logprobs=logprobs, prompt_tokens=len(ids), prompt_tps=prompt_tps,

@@ -51,12 +51,14 @@ class _TimedExperts(_Timed):
 
 
 class PhaseTimer:
+    """Decode time by layer and phase; each generation it is passed to restarts the count."""
+
     def __init__(self, model):
         self.model, self.store = model, getattr(model, "store", None)
         self.times = defaultdict(float)  # (layer, phase) -> seconds, decode only
         self.tokens, self.decoding = 0, False
         self.wall = 0.0
-        self.bytes = self.hits = self.misses = 0
+        self._io0 = None
         self._patched = []
 
     def add(self, layer, phase, seconds):
@@ -82,19 +84,23 @@ class PhaseTimer:
             object.__delattr__(owner, name)
         self._patched.clear()
 
+    def start_prefill(self):
+        self.times.clear()
+        self.tokens, self.decoding, self.wall = 0, False, 0.0
+
     def start_decode(self):
         self.decoding = True
         self._io0 = self.store.stats.snapshot() if self.store else None
+        self._t_last = time.perf_counter()  # the first token's forward counts too
 
     def mark_forward(self, logits):
-        self._t_forward = time.perf_counter()
         mx.eval(logits)
         self._t_sample = time.perf_counter()
 
     def mark_token(self):
         now = time.perf_counter()
         self.times[(None, "sampling")] += now - self._t_sample
-        self.wall += now - getattr(self, "_t_last", self._t_forward)
+        self.wall += now - self._t_last
         self._t_last = now
         self.tokens += 1
 
@@ -107,7 +113,7 @@ class PhaseTimer:
             rows["GDN layers" if kinds.get(layer) == "GDN" else "full-attn layers" if layer is not None else "head"][phase] += s
         total = {p: sum(r[p] for r in rows.values()) for p in PHASES}
         total["other"] = max(self.wall - sum(total.values()), 0.0)
-        io = self.store.stats.snapshot().delta(self._io0).totals() if self.store else {}
+        io = self.store.stats.snapshot().delta(self._io0).totals() if self.store and self._io0 is not None else {}
         return {
             "tokens": self.tokens, "ms_per_token": 1e3 * self.wall / n,
             "rows": {k: {p: 1e3 * v / n for p, v in r.items()} for k, r in rows.items()},
