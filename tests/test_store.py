@@ -161,15 +161,18 @@ def test_consumed_by_protects_lazy_computation(tmp_path, rng):
     layout = make_model(tmp_path, rng, ExpertLayout(HIDDEN, INTERMEDIATE, bits=16, dtype="float32"))
     down = {e: file_tensor(tmp_path, layout, 0, e, "down_proj.weight").view(np.float32) for e in (2, 5)}
     ref = {e: w.sum(dtype=np.float64) for e, w in down.items()}
+    # float32 summation error scales with sum |w|, not with the (cancelling) sum itself
+    tol = {e: 1e-6 * np.abs(w).sum(dtype=np.float64) for e, w in down.items()}
+    assert abs(ref[2] - ref[5]) > 100 * max(tol.values()), "experts 2 and 5 must be told apart"
     with ExpertStore(tmp_path, capacity=1, num_sets=1, threads=1) as store:
         first = store.fetch(0, [2])
         guarded = first.arrays["down_proj.weight"][0].sum()  # lazy: not evaluated yet
         first.consumed_by(guarded)
         store.fetch(0, [5])  # same set: the store must evaluate `guarded` first
-        assert guarded.item() == pytest.approx(ref[2], rel=1e-5)
+        assert guarded.item() == pytest.approx(ref[2], abs=tol[2])
         unguarded = store.fetch(0, [2]).arrays["down_proj.weight"][0].sum()
         store.fetch(0, [5])  # without consumed_by the lazy sum sees the new expert: why the guard exists
-        assert unguarded.item() == pytest.approx(ref[5], rel=1e-5)
+        assert unguarded.item() == pytest.approx(ref[5], abs=tol[5])
 
 
 def test_many_fetches_and_concurrent_callers(tmp_path, rng):
@@ -416,7 +419,9 @@ def test_chunked_reads_are_byte_exact_and_count_hits_per_expert(tmp_path, rng, r
         if store.probe == "nowait" and _drop_from_page_cache(tmp_path / layout.layer_file(3)):
             store.stats.reset()
             store.fetch(3, [2, 5])
-            assert store.stats.misses[3] == 2 and store.stats.hits[3] == 0
+            # kernel readahead for one expert may bring in the other: at least one must miss
+            assert store.stats.misses[3] >= 1 and store.stats.hits[3] + store.stats.misses[3] == 2
+            store.stats.reset()
             store.fetch(3, [2, 5])
             assert store.stats.hits[3] == 2
 
