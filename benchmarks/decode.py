@@ -156,7 +156,7 @@ def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int
         if t:
             out.append({"prompt_tps": prompt_tokens / (first - start),
                         "generation_tps": (generation_tokens - 1) / (end - first)})
-    del model, weights
+    model = weights = None  # free the resident copy before returning
     mx.clear_cache()
     return {key: float(np.mean([o[key] for o in out])) for key in out[0]}
 
@@ -229,7 +229,7 @@ def main():
     if args.cold:
         drop_page_cache(files)
     timer = PhaseTimer(model).install()
-    timed = decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=999, timer=timer)
+    decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=999, timer=timer)
     timer.uninstall()
     summary = timer.summary()
     print(timer.table())

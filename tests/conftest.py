@@ -30,3 +30,27 @@ def seed_note(seed: int) -> str:
 def derive_seed(label: str) -> int:
     """A seed for module-scoped fixtures, which cannot use the per-test ``seed`` fixture."""
     return (BASE_SEED + zlib.crc32(label.encode())) % 2**31
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """The shipped demo model, built and converted once per test session in a temporary FLASH_MOE_HOME."""
+    import io
+
+    from flash_moe.demo import build
+
+    home = tmp_path_factory.mktemp("flash_moe_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASH_MOE_HOME", str(home))
+        return build(progress=False, out=io.StringIO())
+
+
+@pytest.fixture(scope="session")
+def demo(demo_folder):
+    """The demo model loaded with streamed experts, tokenizer loaded."""
+    from flash_moe import load
+
+    model = load(demo_folder)
+    model.tokenizer
+    yield model
+    model.close()

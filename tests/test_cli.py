@@ -36,22 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(max_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, seed=0)
 
 
-@pytest.fixture(scope="session")
-def demo_folder(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flash_moe_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLASH_MOE_HOME", str(home))
-        return build(progress=False, out=io.StringIO())
-
-
-@pytest.fixture(scope="session")
-def demo(demo_folder):
-    model = load(demo_folder)
-    model.tokenizer
-    yield model
-    model.close()
-
-
 def flash_moe_cli(*args, home: Path, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FLASH_MOE_DEBUG"}
     env.update(FLASH_MOE_HOME=str(home), PYTHONPATH=str(REPO), TQDM_DISABLE="1")

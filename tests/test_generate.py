@@ -9,7 +9,6 @@ chat template) runs as usual.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -23,7 +22,6 @@ from conftest import seed_note
 
 import flash_moe.generate as gen
 from flash_moe import load
-from flash_moe.demo import build
 from flash_moe.layout import ModelLayout
 from flash_moe.timing import PHASES, PhaseTimer
 from flash_moe.tool_calls import ToolCall, ToolCallError, format_tool_calls_openai, parse_tool_call
@@ -35,22 +33,6 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
                    "required": ["city"]}}}]
-
-
-@pytest.fixture(scope="session")
-def demo_folder(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flash_moe_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLASH_MOE_HOME", str(home))
-        return build(progress=False, out=io.StringIO())
-
-
-@pytest.fixture(scope="session")
-def demo(demo_folder):
-    model = load(demo_folder)
-    model.tokenizer  # loaded once for all tests
-    yield model
-    model.close()
 
 
 def code_prompt(rng: random.Random) -> str:
