@@ -20,10 +20,10 @@ from .model import Model, ModelArgs
 def _dtype(dtype):
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
-    try:
-        return getattr(mx, str(dtype).replace("torch.", ""))
-    except AttributeError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    found = getattr(mx, str(dtype).replace("torch.", ""), None)
+    if not isinstance(found, mx.Dtype) or not mx.issubdtype(found, mx.floating):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return found
 
 
 class LoadedModel:

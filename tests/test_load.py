@@ -59,3 +59,9 @@ def test_not_a_model_folder(tmp_path):
         flash_moe.load(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="config.json"):
         flash_moe.load(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["int32", "nope"])
+def test_bad_dtype(folder, bad):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        flash_moe.load(folder, dtype=bad)
