@@ -97,7 +97,7 @@ def pread_test(folder: Path, layout: ModelLayout, k: int, tokens: int, threads: 
 def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, timer=None) -> dict:
     mx.random.seed(seed)
     prompt = mx.random.randint(0, model.config.vocab_size, (prompt_tokens,)).astype(mx.int32)
-    before = model.stats.snapshot()
+    before = model.stats.snapshot() if model.stats is not None else None
     mx.reset_peak_memory()
     start = time.perf_counter()
     first = None
@@ -105,7 +105,7 @@ def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, t
         if i == 0:
             first = time.perf_counter()
     end = time.perf_counter()
-    io = model.stats.snapshot().delta(before).totals()
+    io = model.stats.snapshot().delta(before).totals() if before is not None else {}
     return {
         "prompt_tps": prompt_tokens / (first - start),
         "generation_tps": (generation_tokens - 1) / (end - first) if generation_tokens > 1 else 0.0,
@@ -161,6 +161,45 @@ def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int
     return {key: float(np.mean([o[key] for o in out])) for key in out[0]}
 
 
+def profile_trial(model, args, path: str) -> None:
+    """cProfile of one decode trial: where the host time goes (the GPU is mostly waiting on it)."""
+    import cProfile
+    import io as _io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=7)
+    prof.disable()
+    out = _io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+    Path(path).write_text(out.getvalue())
+    print(f"profile written to {path}")
+
+
+def resident_run(folder: Path, args, result: dict) -> None:
+    """Our model with every expert resident (gather_qmm, like mlx-lm): tells model code from streaming."""
+    model = load(folder, experts_per_token=args.k, stream=False)
+    decode_trial(model, args.prompt_tokens, 4, seed=0)
+    trials = [decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=100 + t) for t in range(args.num_trials)]
+    avg = {key: float(np.mean([r[key] for r in trials])) for key in ("prompt_tps", "generation_tps", "peak_memory")}
+    print("flash_moe, all experts resident: " + ", ".join(f"{k2}={v:.3f}" for k2, v in avg.items()))
+    if args.profile:
+        profile_trial(model, args, args.profile)
+    result.update(resident=avg)
+    if args.peer:
+        model = None
+        mx.clear_cache()
+        peer = peer_mlx_lm(folder, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
+        result["peer"] = peer
+        print(f"mlx-lm (resident, same shapes): generation_tps={peer['generation_tps']:.3f}; "
+              f"flash_moe resident / mlx-lm: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted flash_moe folder (e.g. from make_synthetic.py)")
@@ -174,7 +213,12 @@ def main():
     p.add_argument("--cap-fraction", type=float, default=None,
                    help="after loading, cap new memory (page cache included) at this fraction of the expert bytes "
                         "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
-    p.add_argument("--cache-experts", type=int, default=0, help="experts kept in device memory (ExpertCache)")
+    p.add_argument("--cache-experts", default="0",
+                   help="experts kept in device memory (ExpertCache): a count, a fraction of all experts, or 'all'")
+    p.add_argument("--read-chunk-kib", type=int, default=2048, help="bytes per read of the ExpertStore, in KiB")
+    p.add_argument("--resident", action="store_true",
+                   help="flash_moe with every expert in memory (no store): our model code against mlx-lm's")
+    p.add_argument("--profile", default=None, help="write a cProfile summary of one decode trial to this file")
     p.add_argument("--warm-prompt", type=int, default=0,
                    help="before the trials, prefill this many random tokens (touches every expert: warms the caches)")
     p.add_argument("--peer", action="store_true", help="also run mlx-lm on a resident model of the same shapes")
@@ -198,7 +242,10 @@ def main():
           f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s, "
           f"repeat one layer at a time {layered['gb_per_s']:.2f} GB/s")
 
-    model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts)
+    if args.resident:
+        return resident_run(folder, args, result)
+    model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
+                 read_chunk=args.read_chunk_kib << 10)
     if args.cap_fraction is not None:
         expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
         # Charges made before the move stay outside the group: the cap then bounds what decoding adds,
@@ -226,6 +273,8 @@ def main():
         result["device_cache"] = model.cache.totals()
         print(f"device expert cache: {result['device_cache']}")
 
+    if args.profile:
+        profile_trial(model, args, args.profile)
     if args.cold:
         drop_page_cache(files)
     timer = PhaseTimer(model).install()

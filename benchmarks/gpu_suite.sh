@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# The GPU benchmark run of docs/benchmarks.md, in one call on the lent machine (after
-# `source .device/install.sh`): a Qwen3.5-397B-shaped synthetic model, then decode runs warm and
-# under a page-cache cap, beside mlx-lm on the same weights.
-# Usage: LAYERS=6 bash benchmarks/gpu_suite.sh   (writes JSON and one log under $OUT)
+# The GPU benchmark runs of docs/benchmarks.md, on the lent machine (after `source .device/install.sh`):
+# a Qwen3.5-397B-shaped synthetic model, then the decode runs named in STEPS, each writing JSON (and a
+# profile where it takes one) under $OUT and appending its output to $OUT/suite.log.
+# Usage: STEPS="tests resident_k4 cache_k4" LAYERS=6 bash benchmarks/gpu_suite.sh
 set -u
 OUT=${OUT:-/tmp/out}; M=${M:-/root/syn397}; LAYERS=${LAYERS:-6}; G=${G:-32}; TH=${TH:-16}
+STEPS=${STEPS:-"tests resident_k4 cache_k4 cache_k10 page_k4 cap_k4 cap_cache_k4"}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import mlx_lm" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
-step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-200}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
+step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
 [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
-step warm_k10_peer python3 benchmarks/decode.py --model "$M" --k 10 -g "$G" --threads "$TH" --warm-prompt 128 --peer --json "$OUT/warm_k10_peer.json"
-step warm_k4 python3 benchmarks/decode.py --model "$M" --k 4 -g "$G" --threads "$TH" --warm-prompt 128 --json "$OUT/warm_k4.json"
-step cap_k4 python3 benchmarks/decode.py --model "$M" --k 4 -g "$G" --threads "$TH" --cold --cap-fraction 0.16 --json "$OUT/cap_k4.json"
+D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
+for s in $STEPS; do
+  case $s in
+    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -x -m cuda tests/test_expert_cache.py tests/test_kernels.py ;;
+    resident_k4) step $s $D --k 4 --resident --peer --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
+    resident_k10) step $s $D --k 10 --resident --peer --json "$OUT/$s.json" ;;
+    probe) step $s python3 benchmarks/layer_probe.py --model $M --k 4 ;;
+    cache_k4_peer) step $s $D --k 4 --cache-experts all --warm-prompt 512 --peer --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
+    cache_k4_nocompile) step $s env MLX_DISABLE_COMPILE=1 $D --k 4 --cache-experts all --warm-prompt 512 --json "$OUT/$s.json" ;;
+    cache_k4) step $s $D --k 4 --cache-experts all --warm-prompt 512 --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
+    cache_k10) step $s $D --k 10 --cache-experts all --warm-prompt 512 --peer --json "$OUT/$s.json" ;;
+    page_k4) step $s $D --k 4 --warm-prompt 128 --json "$OUT/$s.json" ;;
+    cap_k4) step $s $D --k 4 --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
+    cap_cache_k4) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --json "$OUT/$s.json" ;;
+    cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done

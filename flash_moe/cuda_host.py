@@ -9,6 +9,9 @@ MLX's CUDA backend keeps host-made arrays in managed memory, which reaches the G
 - ``upload="copy"``: ``cudaMemcpyAsync`` moves them into a device staging buffer (~50 GB/s,
   the fetching thread waits), then the kernel copies device to device.
 
+``scatter`` is the ExpertCache's fill: another kernel (kernels/slot_scatter.body) copies slots into
+chosen positions of the cache's own MLX arrays, in place (MLX's CUDA SliceUpdate copies the array).
+
 The CUDA runtime is the libcudart that MLX itself loaded, called through ctypes.
 """
 
@@ -160,17 +163,22 @@ class PinnedSlotBuffers:
     def host_views(self, index: int) -> dict[str, np.ndarray]:
         return self._views[index]
 
+    def _stage(self, index: int, count: int) -> None:
+        """upload="copy": move the first ``count`` slots of set ``index`` into its device buffer (waits)."""
+        if self.upload != "copy":
+            return
+        dst, src = self._device_ptrs[index], self._host_ptrs[index]
+        for t, off in zip(self.layout.tensors, self._offsets):
+            self.cuda(
+                "cudaMemcpyAsync", ctypes.c_void_p(dst + off), ctypes.c_void_p(src + off),
+                count * t.nbytes, _MEMCPY_HOST_TO_DEVICE, ctypes.c_void_p(self._stream), what=t.name,
+            )
+        self.cuda("cudaStreamSynchronize", ctypes.c_void_p(self._stream))
+
     def compute_arrays(self, index: int, count: int | None = None) -> dict[str, mx.array]:
         count = self.capacity if count is None else count
         tensors = self.layout.tensors
-        if self.upload == "copy":
-            dst, src = self._device_ptrs[index], self._host_ptrs[index]
-            for t, off in zip(tensors, self._offsets):
-                self.cuda(
-                    "cudaMemcpyAsync", ctypes.c_void_p(dst + off), ctypes.c_void_p(src + off),
-                    count * t.nbytes, _MEMCPY_HOST_TO_DEVICE, ctypes.c_void_p(self._stream), what=t.name,
-                )
-            self.cuda("cudaStreamSynchronize", ctypes.c_void_p(self._stream))
+        self._stage(index, count)
         outputs = kernels.launch(
             "slot_pull",
             "cuda",
@@ -180,6 +188,36 @@ class PinnedSlotBuffers:
             grid=(_PULL_THREADS, 1, 1),
         )
         return {t.name: a for t, a in zip(tensors, outputs)}
+
+    def scatter(self, index: int, count: int, targets: list[mx.array], positions) -> mx.array:
+        """Copy slots 0..count-1 of set ``index`` into ``targets[i][positions[slot]]``, in place, on the GPU.
+
+        ``targets``: one evaluated, row-contiguous MLX array per layout tensor, in layout order, of shape
+        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array: whatever reads the
+        targets must depend on it (``mx.depends``), since MLX does not know they changed.
+        """
+        if len(targets) != len(self.layout.tensors):
+            raise ValueError(f"scatter: {len(targets)} target arrays for {len(self.layout.tensors)} tensors")
+        for t, a in zip(self.layout.tensors, targets):
+            if a.shape[1:] != tuple(t.shape) or a.dtype != _MLX[t.dtype]:
+                raise ValueError(f"scatter: target for {t.name} is {a.shape} {a.dtype}, want (N, {t.shape}) {t.dtype}")
+        positions = np.asarray(positions, np.int64)
+        if len(positions) != count or count > self.capacity:
+            raise ValueError(f"scatter: {len(positions)} positions for {count} slots (capacity {self.capacity})")
+        if count and (positions.min() < 0 or positions.max() >= targets[0].shape[0]):
+            raise ValueError(f"scatter: positions {positions.tolist()} outside 0..{targets[0].shape[0] - 1}")
+        self._stage(index, count)
+        pos = np.full(self.capacity, -1, np.int32)
+        pos[:count] = positions
+        (done,) = kernels.launch(
+            "slot_scatter",
+            "cuda",
+            {"meta": self._meta[index], "pos": mx.array(pos), **{f"c{i}": a for i, a in enumerate(targets)}},
+            {"done": ((1,), mx.int32)},
+            {"COUNT": self.capacity, "WARPS": 8, "NTHREADS": _PULL_THREADS},
+            grid=(_PULL_THREADS, 1, 1),
+        )
+        return done
 
     @property
     def nbytes(self) -> int:

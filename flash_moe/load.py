@@ -176,8 +176,26 @@ def slot_buffers(layout: ModelLayout):
     return None
 
 
+def cache_capacity(spec, layout: ModelLayout) -> int:
+    """Experts an ExpertCache should hold: ``spec`` is a count, a fraction in (0, 1) of all the model's
+    experts, or "all"."""
+    total = len(layout.moe_layers) * layout.num_experts
+    if spec in (None, 0, "0", False):
+        return 0
+    if spec == "all":
+        return total
+    try:
+        value = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"cache_experts must be a count, a fraction in (0, 1) or 'all', got {spec!r}") from None
+    if value < 0 or (value != int(value) and value >= 1):
+        raise ValueError(f"cache_experts must be a count, a fraction in (0, 1) or 'all', got {spec!r}")
+    n = round(value * total) if value < 1 else int(value)
+    return max(1, min(n, total))
+
+
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
-                   cache_experts: int = 0) -> LoadedModel:
+                   cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -196,9 +214,10 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     e, store, cache = layout.expert, None, None
     if stream:
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
-        store = ExpertStore(path, layout, capacity=capacity, threads=threads, buffers=slot_buffers(layout))
-        if cache_experts:
-            cache = ExpertCache(store, cache_experts)
+        store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
+                             buffers=slot_buffers(layout))
+        if cache_capacity(cache_experts, layout):
+            cache = ExpertCache(store, cache_capacity(cache_experts, layout))
         factory = lambda layer: StreamingExperts(store, layer, cache)
     else:
         for layer in layout.moe_layers:
@@ -213,7 +232,8 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
-         slots: int | None = None, threads: int = 8, stream: bool = True, cache_experts: int = 0) -> LoadedModel:
+         slots: int | None = None, threads: int = 8, stream: bool = True,
+         cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -224,15 +244,17 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             read in groups. Default: max(32, 2 K), at most the expert count.
         threads: reader threads of the ExpertStore.
         stream: for a converted folder, False reads every expert into memory once instead of per token.
-        cache_experts: keep up to this many experts (of any layer) in device memory in front of the store
-            (an ``ExpertCache``; for discrete GPUs). 0: the page cache is the only cache.
+        cache_experts: keep this many experts (of any layer) in device memory in front of the store (an
+            ``ExpertCache``; for discrete GPUs): a count, a fraction in (0, 1) of all experts, or "all".
+            0: the page cache is the only cache.
+        read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
     """
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():
         raise CheckpointError(f"{path}: the conversion into this folder did not finish; rerun flash-moe convert to resume it")
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
-                                cache_experts=cache_experts)
+                                cache_experts=cache_experts, read_chunk=read_chunk)
     else:
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)

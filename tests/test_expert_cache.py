@@ -29,13 +29,29 @@ def _bytes(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).view(np.uint8).ravel()
 
 
-@pytest.mark.parametrize("bits,dtype", [(4, "bfloat16"), (2, "float32"), (16, "float16")])
-def test_cache_holds_requested_experts(tmp_path, bits, dtype):
+HAS_CUDA = mx.cuda.is_available()
+PINNED = pytest.param("pinned", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")])
+
+
+def _buffers(kind):
+    if kind == "pinned":  # MLX's CUDA backend: filled in place by the slot_scatter kernel
+        from flash_moe.cuda_host import PinnedSlotBuffers
+
+        return PinnedSlotBuffers
+    return None
+
+
+@pytest.mark.parametrize(
+    "bits,dtype,buffers",
+    [(4, "bfloat16", "host"), (2, "float32", "host"), (16, "float16", "host"), (4, "bfloat16", PINNED),
+     (2, "float32", PINNED)],
+)
+def test_cache_holds_requested_experts(tmp_path, bits, dtype, buffers):
     rng = np.random.default_rng(SEED)
     layout = ExpertLayout(128, 64, bits, 64, dtype)
     E, layers = 16, [0, 2, 3]
     data = _packed(tmp_path, layout, E, layers, rng)
-    with ExpertStore(tmp_path, capacity=3) as store:
+    with ExpertStore(tmp_path, capacity=3, buffers=_buffers(buffers)) as store:
         cache = ExpertCache(store, capacity=9)
         for step in range(120):
             layer = int(rng.choice(layers))

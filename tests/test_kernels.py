@@ -264,6 +264,11 @@ SLOT_PULL = (
     {f"t{i}": mx.uint32 if i % 3 == 0 else mx.bfloat16 for i in range(9)},
     dict(COUNT=10, WARPS=8, NTHREADS=65536),
 )
+SLOT_SCATTER = (
+    {"meta": mx.int64, "pos": mx.int32} | {f"c{i}": mx.uint32 if i % 3 == 0 else mx.bfloat16 for i in range(9)},
+    {"done": mx.int32},
+    dict(COUNT=32, WARPS=8, NTHREADS=65536),
+)
 # Metal's thread attributes, added to the signature when the body names them (as MLX does).
 METAL_ATTRIBUTES = {
     "threadgroup_position_in_grid": "uint3",
@@ -298,7 +303,7 @@ def cuda_translation_unit() -> str:
     """Every kernel as MLX's cuda_kernel would emit it, with NVRTC's implicit headers spelled out."""
     parts = ["#include <cstdint>", "#include <cuda_bf16.h>", "#include <cuda_fp16.h>"]
     parts += [kernel_source("expert_down", "cuda")[0], "namespace mlx::core::cu {"]
-    for name, (inputs, outputs, template) in (SOURCE_CASES | {"slot_pull": SLOT_PULL}).items():
+    for name, (inputs, outputs, template) in (SOURCE_CASES | {"slot_pull": SLOT_PULL, "slot_scatter": SLOT_SCATTER}).items():
         params = [f"const {T[d][1]}* {n}" for n, d in inputs.items()] + [f"{T[d][1]}* {n}" for n, d in outputs.items()]
         consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in template.items())
         parts.append(f"__global__ void {name}(" + ", ".join(params) + ") {\n" + consts + kernel_source(name, "cuda")[1] + "}")

@@ -41,4 +41,9 @@ class Attention(nn.Module):
             q, k, v, scale=self.scale, mask="causal" if L > 1 else None
         )
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+        return self.o_proj(sigmoid_gate(out, gate.reshape(B, L, -1)))
+
+
+@mx.compile
+def sigmoid_gate(x: mx.array, gate: mx.array) -> mx.array:
+    return x * mx.sigmoid(gate)

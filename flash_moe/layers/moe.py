@@ -1,5 +1,7 @@
 """The MoE block: softmax router, top-k, routed experts from an injected provider, gated shared expert.
 
+The elementwise tails are compiled into single kernels: decoding pays per op, not per byte.
+
 The block does not know where expert weights live: ``experts`` is any callable
 ``experts(x [N, D], inds [N, K], scores [N, K]) -> [N, D]`` returning the score-weighted sum
 of the chosen experts (resident arrays, or bytes streamed from SSD).
@@ -19,9 +21,20 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+@mx.compile
+def add_gated(y: mx.array, gate_logit: mx.array, shared: mx.array) -> mx.array:
+    return y + mx.sigmoid(gate_logit) * shared
+
+
+@mx.compile
 def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
     """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
@@ -48,5 +61,5 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         inds, scores = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K]
         y = self.experts(x, inds, scores.astype(x.dtype))
-        y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        y = add_gated(y, self.shared_expert_gate(x), self.shared_expert(x))
         return y.reshape(shape)
