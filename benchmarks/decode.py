@@ -215,6 +215,8 @@ def main():
                         "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
     p.add_argument("--cache-experts", default="0",
                    help="experts kept in device memory (ExpertCache): a count, a fraction of all experts, or 'all'")
+    p.add_argument("--no-speculate", action="store_true",
+                   help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
     p.add_argument("--read-chunk-kib", type=int, default=2048, help="bytes per read of the ExpertStore, in KiB")
     p.add_argument("--resident", action="store_true",
                    help="flash_moe with every expert in memory (no store): our model code against mlx-lm's")
@@ -246,6 +248,8 @@ def main():
         return resident_run(folder, args, result)
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
                  read_chunk=args.read_chunk_kib << 10)
+    if model.cache is not None and args.no_speculate:
+        model.cache.speculate = False
     if args.cap_fraction is not None:
         expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
         # Charges made before the move stay outside the group: the cap then bounds what decoding adds,

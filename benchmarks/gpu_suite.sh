@@ -17,13 +17,16 @@ step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; t
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
 for s in $STEPS; do
   case $s in
-    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -x -m cuda tests/test_expert_cache.py tests/test_kernels.py ;;
+    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -x tests/test_expert_cache.py tests/test_kernels.py ;;
+    peers) step $s python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.decode import peer_mlx_lm
+for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3), flush=True)" ;;
     resident_k4) step $s $D --k 4 --resident --peer --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
     resident_k10) step $s $D --k 10 --resident --peer --json "$OUT/$s.json" ;;
     probe) step $s python3 benchmarks/layer_probe.py --model $M --k 4 ;;
     cache_k4_peer) step $s $D --k 4 --cache-experts all --warm-prompt 512 --peer --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
     cache_k4_nocompile) step $s env MLX_DISABLE_COMPILE=1 $D --k 4 --cache-experts all --warm-prompt 512 --json "$OUT/$s.json" ;;
     cache_k4) step $s $D --k 4 --cache-experts all --warm-prompt 512 --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
+    cache_k4_nospec) step $s $D --no-speculate --k 4 --cache-experts all --warm-prompt 512 --json "$OUT/$s.json" ;;
     cache_k10) step $s $D --k 10 --cache-experts all --warm-prompt 512 --peer --json "$OUT/$s.json" ;;
     page_k4) step $s $D --k 4 --warm-prompt 128 --json "$OUT/$s.json" ;;
     cap_k4) step $s $D --k 4 --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;

@@ -34,6 +34,13 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def snapshot(self):
+        return self.keys, self.values, self.offset
+
+    def restore(self, saved) -> None:
+        """Back to a ``snapshot``: later writes are forgotten (used to re-run a token)."""
+        self.keys, self.values, self.offset = saved
+
     @property
     def state(self) -> list[mx.array]:
         if self.keys is None:
@@ -57,6 +64,12 @@ class ArraysCache:
 
     def __setitem__(self, i: int, value: mx.array):
         self.cache[i] = value
+
+    def snapshot(self):
+        return list(self.cache), self.offset
+
+    def restore(self, saved) -> None:
+        self.cache, self.offset = list(saved[0]), saved[1]
 
     @property
     def state(self) -> list[mx.array]:

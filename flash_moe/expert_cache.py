@@ -8,6 +8,13 @@ indexes them directly, so a hit costs no copy at all. Misses are read by the sto
 into the positions of the least valuable entries (score = weight * uses + last use, the
 frequency-weighted LRU of the flash-moe CUDA port).
 
+Speculation: the per-layer host sync (to learn which experts to read) costs a round trip and stalls
+the GPU at every layer. When the last token found every expert it needed in the cache, the next one
+runs without it: each layer looks its experts' positions up on the device (``positions``), and
+the lookups are read back once, with the token's logits (``commit``). A lookup that found an
+expert missing voids the token; the caller restores its state and runs it again the synchronous way,
+which reads the missing experts in (see ``LoadedModel.__call__``).
+
 Filling in place: with pinned slot buffers (MLX's CUDA backend) a kernel copies the read slots
 straight into the cache arrays (``PinnedSlotBuffers.scatter``); MLX's own ``slice_update`` copies the
 whole array there. Elsewhere ``slice_update`` runs in place as long as nothing else holds the array,
@@ -44,6 +51,12 @@ class ExpertCache:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
+        self.speculate = True  # may tokens run without per-layer syncs when everything they need is cached
+        self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
+        self._clean = 0  # synchronous fetches in a row without a miss
+        self._moe_layers = len(store.layout.moe_layers)
+        self._rows: list[mx.array] | None = None  # per layer, expert -> position (-1: absent), on the device
+        self._lookups: list[mx.array] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +80,7 @@ class ExpertCache:
         miss = np.nonzero(pos < 0)[0]
         self.hits[layer] += len(ids) - len(miss)
         self.misses[layer] += len(miss)
+        self._clean = 0 if len(miss) else self._clean + 1
         arrays = self.arrays
         if len(miss):
             score = self.weight * self.uses + self.last
@@ -74,6 +88,7 @@ class ExpertCache:
             victims = np.argpartition(score, len(miss) - 1)[: len(miss)]
             old = self.keys[victims]
             self.position[old[old >= 0]] = -1
+            self._rows = None  # the device copy of the positions is stale
             done = self._fill(layer, ids[miss], victims)
             self.keys[victims], self.uses[victims] = keys[miss], 0
             self.position[keys[miss]] = victims
@@ -106,7 +121,53 @@ class ExpertCache:
             mx.eval(list(self.arrays.values()))
         return done
 
+    # ---- speculation ---------------------------------------------------------------------------
+
+    @property
+    def speculating(self) -> bool:
+        """Inside a speculative token (between ``begin`` and ``end``)."""
+        return self._lookups is not None
+
+    def should_speculate(self) -> bool:
+        """True when a whole token's worth of synchronous fetches in a row found every expert cached."""
+        return self.speculate and self._clean >= self._moe_layers
+
+    def begin(self) -> None:
+        if self._rows is None:  # upload the positions table (after fills only)
+            table = mx.array(self.position.reshape(-1, self.num_experts).astype(np.int32))
+            self._rows = [table[layer] for layer in range(table.shape[0])]
+            mx.eval(self._rows)
+        self._lookups, self._layers = [], []
+
+    def positions(self, layer: int, inds: mx.array) -> mx.array:
+        """Cache positions of ``inds`` (device ids, no sync); absent experts read position 0 and void the token."""
+        found = mx.take(self._rows[layer], inds)
+        self._lookups.append(found)
+        self._layers.append(layer)
+        return mx.maximum(found, 0)
+
+    def end(self) -> mx.array | None:
+        """The token's lookups as one array, to evaluate with its logits and hand to ``commit``."""
+        lookups, self._lookups = self._lookups, None
+        return mx.stack([a.reshape(-1) for a in lookups]) if lookups else None
+
+    def commit(self, lookups: mx.array | None) -> bool:
+        """Whether the speculative token stands (every expert was cached); books its hits and uses."""
+        self.speculated += 1
+        if lookups is None:
+            return True
+        found = np.array(lookups)  # [layers, pairs], evaluated with the logits
+        if (found < 0).any():
+            self.voided += 1
+            self._clean = 0
+            return False
+        self.tick += 1
+        np.add.at(self.hits, self._layers, found.shape[1])
+        np.add.at(self.uses, found.ravel(), 1)
+        self.last[found.ravel()] = self.tick
+        return True
+
     def totals(self) -> dict:
         h, m = int(self.hits.sum()), int(self.misses.sum())
         return {"hits": h, "misses": m, "hit_rate": h / max(h + m, 1), "resident": int((self.keys >= 0).sum()),
-                "capacity": self.capacity, "bytes": self.nbytes}
+                "capacity": self.capacity, "bytes": self.nbytes, "speculated": self.speculated, "voided": self.voided}

@@ -110,3 +110,43 @@ def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
         assert err < 1e-5, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
     totals = cached.cache.totals()
     assert totals["misses"] > 0 and (cache_experts < 40 or totals["hits"] > 0), totals
+
+
+def _tiny_model(tmp_path, seed):
+    from flash_moe.synthetic import qwen35_397b_config, write_synthetic
+
+    config = qwen35_397b_config(num_layers=4, vocab_size=200)
+    config.update(hidden_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=16,
+                  num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
+    write_synthetic(tmp_path / "m", config, bits=4, seed=seed, progress=False)
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("capacity,force", [("all", False), (12, True)])
+def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
+    """Tokens run without per-layer syncs give the resident model's logits: when every expert is cached
+    (the bet holds), and when experts are missing (forced bets are voided and the token runs again)."""
+    import flash_moe
+
+    path = _tiny_model(tmp_path, seed)
+    cached = flash_moe.load(path, dtype="float32", cache_experts=capacity, slots=4)
+    resident = flash_moe.load(path, dtype="float32", stream=False)
+    rng = np.random.default_rng(seed)
+    tokens = mx.array(rng.integers(0, 200, (1, 9)))
+    c1, c2 = cached.make_cache(), resident.make_cache()
+    if capacity == "all":  # a long prompt touches every expert: decoding then never misses
+        warm = mx.array(rng.integers(0, 200, (1, 64)))
+        cached(warm, cached.make_cache())
+    for step in [tokens] + [mx.array(rng.integers(0, 200, (1, 1))) for _ in range(12)]:
+        if force:
+            cached.cache._clean = 10**6  # bet even though experts are missing
+        a, b = cached(step, c1), resident(step, c2)
+        err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
+        assert err < 1e-5, f"relative error {err:.2e} (capacity {capacity}, seed {seed}): {cached.cache.totals()}"
+    totals = cached.cache.totals()
+    assert totals["speculated"] >= (12 if force else 1), totals
+    if force:
+        assert totals["voided"] >= 1 and totals["misses"] > 0, totals
+    else:
+        assert totals["voided"] <= 1 and totals["speculated"] - totals["voided"] >= 1, totals
