@@ -217,6 +217,7 @@ def main():
                    help="experts kept in device memory (ExpertCache): a count, a fraction of all experts, or 'all'")
     p.add_argument("--no-speculate", action="store_true",
                    help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
+    p.add_argument("--preload", action="store_true", help="with --cache-experts: fill the device cache before decoding")
     p.add_argument("--read-chunk-kib", type=int, default=2048, help="bytes per read of the ExpertStore, in KiB")
     p.add_argument("--resident", action="store_true",
                    help="flash_moe with every expert in memory (no store): our model code against mlx-lm's")
@@ -250,6 +251,10 @@ def main():
                  read_chunk=args.read_chunk_kib << 10)
     if model.cache is not None and args.no_speculate:
         model.cache.speculate = False
+    if model.cache is not None and args.preload:
+        start = time.perf_counter()
+        n = model.cache.preload()
+        print(f"preloaded {n} experts into the device cache in {time.perf_counter() - start:.1f} s")
     if args.cap_fraction is not None:
         expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
         # Charges made before the move stay outside the group: the cap then bounds what decoding adds,

@@ -17,7 +17,11 @@ step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; t
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
 for s in $STEPS; do
   case $s in
-    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -x tests/test_expert_cache.py tests/test_kernels.py ;;
+    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q tests/test_expert_cache.py tests/test_kernels.py ;;
+    tests_ops) step $s env FLASH_MOE_BACKEND=ops python3 -m pytest -q tests/test_expert_cache.py ;;
+    preload_k4) step $s $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
+    preload_k4_nospec) step $s $D --k 4 --cache-experts all --preload --no-speculate --json "$OUT/$s.json" ;;
+    preload_k10) step $s $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
     peers) step $s python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.decode import peer_mlx_lm
 for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3), flush=True)" ;;
     resident_k4) step $s $D --k 4 --resident --peer --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;

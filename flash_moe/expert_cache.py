@@ -121,6 +121,40 @@ class ExpertCache:
             mx.eval(list(self.arrays.values()))
         return done
 
+    def preload(self, progress: bool = False) -> int:
+        """Fill the cache before decoding: every expert when they all fit, else the most used so far
+        (the store's usage counts; rank by rank across layers). Returns how many were read. The hit and
+        miss counters are left as they were: they describe decoding."""
+        usage = self.store.stats.usage
+        layers = self.store.layout.moe_layers
+        ranked = {l: np.argsort(-usage[l], kind="stable") for l in layers}
+        order = [(l, int(ranked[l][r])) for r in range(self.num_experts) for l in layers][: self.capacity]
+        todo = {}
+        for l, e in order:
+            if self.position[l * self.num_experts + e] < 0:
+                todo.setdefault(l, []).append(e)
+        counters = self.hits.copy(), self.misses.copy()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(map(len, todo.values())), desc="preload experts", unit="expert")
+        step = self.store.capacity
+        for l, ids in todo.items():
+            for first in range(0, len(ids), step):
+                arrays, _ = self.fetch(l, ids[first : first + step])
+                mx.eval(list(arrays.values()))  # runs the fill (its kernels are lazy like any MLX op)
+                if bar is not None:
+                    bar.update(len(ids[first : first + step]))
+        if bar is not None:
+            bar.close()
+        if self._readers:
+            mx.eval(*self._readers)
+            self._readers.clear()
+        self.hits[:], self.misses[:] = counters
+        self._clean = 0
+        return sum(map(len, todo.values()))
+
     # ---- speculation ---------------------------------------------------------------------------
 
     @property

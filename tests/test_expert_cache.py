@@ -150,3 +150,20 @@ def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
         assert totals["voided"] >= 1 and totals["misses"] > 0, totals
     else:
         assert totals["voided"] <= 1 and totals["speculated"] - totals["voided"] >= 1, totals
+
+
+def test_preload_fills_without_counting(tmp_path, seed):
+    """preload() reads every expert when they fit (then decoding never misses) and leaves the counters alone."""
+    import flash_moe
+
+    path = _tiny_model(tmp_path, seed)
+    model = flash_moe.load(path, dtype="float32", cache_experts="all", slots=4)
+    assert model.cache.preload() == 4 * 16 and model.cache.totals()["resident"] == 64
+    assert model.cache.totals()["misses"] == 0
+    rng = np.random.default_rng(seed)
+    cache = model.make_cache()
+    model(mx.array(rng.integers(0, 200, (1, 5))), cache)
+    for _ in range(6):
+        model(mx.array(rng.integers(0, 200, (1, 1))), cache)
+    totals = model.cache.totals()
+    assert totals["misses"] == 0 and totals["hits"] > 0 and totals["voided"] == 0 and totals["speculated"] >= 4, totals
