@@ -30,6 +30,10 @@ def _bytes(a: mx.array) -> np.ndarray:
 
 
 HAS_CUDA = mx.cuda.is_available()
+# Model-level agreement with the resident experts. On the CPU both paths agree to float32 rounding. On MLX's
+# CUDA backend float32 matmuls take different kernels per shape (measured: 1.3e-4 between two MLX-ops paths
+# of the same weights, 6e-4 for the fused kernel against gather_qmm); a wrong expert moves logits by O(1).
+MODEL_TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 PINNED = pytest.param("pinned", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")])
 
 
@@ -107,7 +111,7 @@ def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
     for step in [tokens] + [tokens[:, i : i + 1] for i in range(5)]:  # prefill, then decode steps
         a, b = cached(step, c1), resident(step, c2)
         err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
-        assert err < 1e-5, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
+        assert err < MODEL_TOL, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
     totals = cached.cache.totals()
     assert totals["misses"] > 0 and (cache_experts < 40 or totals["hits"] > 0), totals
 
@@ -143,7 +147,7 @@ def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
             cached.cache._clean = 10**6  # bet even though experts are missing
         a, b = cached(step, c1), resident(step, c2)
         err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
-        assert err < 1e-5, f"relative error {err:.2e} (capacity {capacity}, seed {seed}): {cached.cache.totals()}"
+        assert err < MODEL_TOL, f"relative error {err:.2e} (capacity {capacity}, seed {seed}): {cached.cache.totals()}"
     totals = cached.cache.totals()
     assert totals["speculated"] >= (12 if force else 1), totals
     if force:
