@@ -73,6 +73,7 @@ class CudaRuntime:
             "cudaStreamCreateWithFlags": (ctypes.POINTER(vp), ctypes.c_uint),
             "cudaStreamSynchronize": (vp,),
             "cudaStreamDestroy": (vp,),
+            "cudaMemGetInfo": (ctypes.POINTER(sz), ctypes.POINTER(sz)),
         }
         for name, args in signatures.items():
             fn = getattr(lib, name)
@@ -101,6 +102,12 @@ class CudaRuntime:
         ptr = ctypes.c_void_p()
         self("cudaMalloc", ctypes.byref(ptr), nbytes, what=f"for {nbytes} bytes")
         return ptr.value
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes of the current GPU."""
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        self("cudaMemGetInfo", ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
 
     def stream(self) -> int:
         ptr = ctypes.c_void_p()

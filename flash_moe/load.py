@@ -196,12 +196,23 @@ def slot_buffers(layout: ModelLayout):
 
 def cache_capacity(spec, layout: ModelLayout) -> int:
     """Experts an ExpertCache should hold: ``spec`` is a count, a fraction in (0, 1) of all the model's
-    experts, or "all"."""
+    experts, "all", or "auto": on a discrete GPU (MLX's CUDA backend) as many as fit in its free memory
+    less a reserve for activations and KV cache, elsewhere none (on unified memory the page cache wins)."""
     total = len(layout.moe_layers) * layout.num_experts
     if spec in (None, 0, "0", False):
         return 0
     if spec == "all":
         return total
+    if spec == "auto":
+        from . import kernels
+
+        if kernels.BACKEND != "cuda" or not layout.expert.quantized:
+            return 0
+        from .cuda_host import CudaRuntime
+
+        free, gpu = CudaRuntime().memory()
+        spare = free - max(4 << 30, gpu // 10)
+        return max(0, min(total, spare // layout.expert.expert_bytes))
     try:
         value = float(spec)
     except (TypeError, ValueError):
@@ -213,7 +224,7 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
-                   cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
+                   cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20) -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -251,7 +262,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
-         cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
+         cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -263,8 +274,9 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         threads: reader threads of the ExpertStore.
         stream: for a converted folder, False reads every expert into memory once instead of per token.
         cache_experts: keep this many experts (of any layer) in device memory in front of the store (an
-            ``ExpertCache``; for discrete GPUs): a count, a fraction in (0, 1) of all experts, or "all".
-            0: the page cache is the only cache.
+            ``ExpertCache``; for discrete GPUs): a count, a fraction in (0, 1) of all experts, "all", or
+            "auto" (the default: what fits in free GPU memory on CUDA, none on Apple and the CPU, where the
+            page cache is the faster tier). 0: the page cache is the only cache.
         read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
     """
     path = resolve(path_or_repo)
