@@ -51,6 +51,7 @@ class ExpertCache:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
+        self._fill_handle: mx.array | None = None  # zero output of the last kernel fill, see index_array
         self.speculate = True  # may tokens run without per-layer syncs when everything they need is cached
         self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
         self._clean = 0  # synchronous fetches in a row without a miss
@@ -93,11 +94,21 @@ class ExpertCache:
             self.keys[victims], self.uses[victims] = keys[miss], 0
             self.position[keys[miss]] = victims
             pos[miss] = victims
-            if done:  # kernel fills: MLX must run them before anything reads the arrays
+            if done:  # kernel fills: whatever reads the arrays must come after them
+                # mx.depends makes a host-side read (np.array) wait for the fill; kernels are ordered by
+                # the buffers they read, so index arrays also carry the fill's (zero) output: index_array.
                 arrays = dict(zip(arrays, mx.depends(list(arrays.values()), done)))
+                self._fill_handle = done[0] if len(done) == 1 else mx.concatenate(done).sum()
         self.uses[pos] += 1
         self.last[pos] = self.tick
         return arrays, pos
+
+    def index_array(self, positions: np.ndarray) -> mx.array:
+        """The device index array for positions from ``fetch``, ordered after that fetch's kernel fills."""
+        index = mx.array(positions.astype(np.int32))
+        if self._fill_handle is not None:
+            index, self._fill_handle = index + self._fill_handle, None
+        return index
 
     def _fill(self, layer: int, ids: np.ndarray, victims: np.ndarray) -> list[mx.array]:
         if self._readers:  # what reads the entries about to be overwritten must have run
