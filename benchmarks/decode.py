@@ -189,13 +189,18 @@ def resident_run(folder: Path, args, result: dict) -> None:
     if args.profile:
         profile_trial(model, args, args.profile)
     result.update(resident=avg)
+    model = None
+    mx.clear_cache()
+    finish(folder, args, result, avg, "flash_moe resident")
+
+
+def finish(folder: Path, args, result: dict, avg: dict, ours: str) -> None:
+    """The mlx-lm peer (``--peer``) beside our averages, then the JSON (``--json``)."""
     if args.peer:
-        model = None
-        mx.clear_cache()
         peer = peer_mlx_lm(folder, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
         result["peer"] = peer
-        print(f"mlx-lm (resident, same shapes): generation_tps={peer['generation_tps']:.3f}; "
-              f"flash_moe resident / mlx-lm: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
+        print(f"mlx-lm (resident, same shapes): prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
+              f"{peer['generation_tps']:.3f}; {ours} / mlx-lm generation: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
 
@@ -316,13 +321,7 @@ def main():
           f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
           f"{gen_ms:.1f} ms measured: ratio {bound_ms / gen_ms:.2f}")
 
-    if args.peer:
-        peer = peer_mlx_lm(folder, args.k, args.prompt_tokens, args.generation_tokens, args.num_trials)
-        result["peer"] = peer
-        print(f"mlx-lm (resident, same shapes): prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
-              f"{peer['generation_tps']:.3f}; flash_moe / mlx-lm generation: {avg['generation_tps'] / peer['generation_tps']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    finish(folder, args, result, avg, "flash_moe")
 
 
 if __name__ == "__main__":
