@@ -200,8 +200,9 @@ class PinnedSlotBuffers:
         """Copy slots 0..count-1 of set ``index`` into ``targets[i][positions[slot]]``, in place, on the GPU.
 
         ``targets``: one evaluated, row-contiguous MLX array per layout tensor, in layout order, of shape
-        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array: whatever reads the
-        targets must depend on it (``mx.depends``), since MLX does not know they changed.
+        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array holding 0: MLX does not
+        know the targets changed, so a kernel reading them must take an input computed from it (MLX's CUDA
+        graphs order kernels by the buffers they read), and a host read must wait for it (``mx.depends``).
         """
         if len(targets) != len(self.layout.tensors):
             raise ValueError(f"scatter: {len(targets)} target arrays for {len(self.layout.tensors)} tensors")

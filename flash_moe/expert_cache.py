@@ -57,7 +57,8 @@ class ExpertCache:
         self._clean = 0  # synchronous fetches in a row without a miss
         self._moe_layers = len(store.layout.moe_layers)
         self._rows: list[mx.array] | None = None  # per layer, expert -> position (-1: absent), on the device
-        self._lookups: list[mx.array] | None = None
+        self._lookups: list[mx.array] | None = None  # a speculative token's lookups, and their layers
+        self._layers: list[int] = []
 
     @property
     def nbytes(self) -> int:
@@ -144,12 +145,13 @@ class ExpertCache:
         for l, e in order:
             if self.position[l * self.num_experts + e] < 0:
                 todo.setdefault(l, []).append(e)
+        count = sum(map(len, todo.values()))
         counters = self.hits.copy(), self.misses.copy()
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(map(len, todo.values())), desc="preload experts", unit="expert")
+            bar = tqdm(total=count, desc="preload experts", unit="expert")
         step = self.store.capacity
         for l, ids in todo.items():
             for first in range(0, len(ids), step):
@@ -159,12 +161,9 @@ class ExpertCache:
                     bar.update(len(ids[first : first + step]))
         if bar is not None:
             bar.close()
-        if self._readers:
-            mx.eval(*self._readers)
-            self._readers.clear()
         self.hits[:], self.misses[:] = counters
-        self._clean = 0
-        return sum(map(len, todo.values()))
+        self._clean, self._fill_handle = 0, None  # the fills have run: nothing left to order after
+        return count
 
     # ---- speculation ---------------------------------------------------------------------------
 

@@ -213,12 +213,13 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
         free, gpu = CudaRuntime().memory()
         spare = free - max(4 << 30, gpu // 10)
         return max(0, min(total, spare // layout.expert.expert_bytes))
+    bad = f"cache_experts must be a count, a fraction in (0, 1), 'all' or 'auto', got {spec!r}"
     try:
         value = float(spec)
     except (TypeError, ValueError):
-        raise ValueError(f"cache_experts must be a count, a fraction in (0, 1) or 'all', got {spec!r}") from None
+        raise ValueError(bad) from None
     if value < 0 or (value != int(value) and value >= 1):
-        raise ValueError(f"cache_experts must be a count, a fraction in (0, 1) or 'all', got {spec!r}")
+        raise ValueError(bad)
     n = round(value * total) if value < 1 else int(value)
     return max(1, min(n, total))
 
@@ -245,8 +246,9 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                              buffers=slot_buffers(layout))
-        if cache_capacity(cache_experts, layout):
-            cache = ExpertCache(store, cache_capacity(cache_experts, layout))
+        cached = cache_capacity(cache_experts, layout)
+        if cached:
+            cache = ExpertCache(store, cached)
         factory = lambda layer: StreamingExperts(store, layer, cache)
     else:
         for layer in layout.moe_layers:

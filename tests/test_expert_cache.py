@@ -93,29 +93,6 @@ def test_too_many_experts(tmp_path):
             cache.fetch(0, [0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("cache_experts", [6, 40])
-def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
-    """Through the model: logits with the device cache (small: evicting; large: all hits) == resident experts."""
-    import flash_moe
-    from flash_moe.synthetic import qwen35_397b_config, write_synthetic
-
-    config = qwen35_397b_config(num_layers=4, vocab_size=200)
-    config.update(hidden_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=16,
-                  num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
-    write_synthetic(tmp_path / "m", config, bits=4, seed=seed, progress=False)
-    cached = flash_moe.load(tmp_path / "m", dtype="float32", cache_experts=cache_experts, slots=4)
-    resident = flash_moe.load(tmp_path / "m", dtype="float32", stream=False)
-    tokens = mx.array(np.random.default_rng(seed).integers(0, 200, (1, 7)))
-    c1, c2 = cached.make_cache(), resident.make_cache()
-    for step in [tokens] + [tokens[:, i : i + 1] for i in range(5)]:  # prefill, then decode steps
-        a, b = cached(step, c1), resident(step, c2)
-        err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
-        assert err < MODEL_TOL, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
-    totals = cached.cache.totals()
-    assert totals["misses"] > 0 and (cache_experts < 40 or totals["hits"] > 0), totals
-
-
 def _tiny_model(tmp_path, seed):
     from flash_moe.synthetic import qwen35_397b_config, write_synthetic
 
@@ -125,6 +102,24 @@ def _tiny_model(tmp_path, seed):
                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
     write_synthetic(tmp_path / "m", config, bits=4, seed=seed, progress=False)
     return tmp_path / "m"
+
+
+@pytest.mark.parametrize("cache_experts", [6, 40])
+def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
+    """Through the model: logits with the device cache (small: evicting; large: all hits) == resident experts."""
+    import flash_moe
+
+    path = _tiny_model(tmp_path, seed)
+    cached = flash_moe.load(path, dtype="float32", cache_experts=cache_experts, slots=4)
+    resident = flash_moe.load(path, dtype="float32", stream=False)
+    tokens = mx.array(np.random.default_rng(seed).integers(0, 200, (1, 7)))
+    c1, c2 = cached.make_cache(), resident.make_cache()
+    for step in [tokens] + [tokens[:, i : i + 1] for i in range(5)]:  # prefill, then decode steps
+        a, b = cached(step, c1), resident(step, c2)
+        err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
+        assert err < MODEL_TOL, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
+    totals = cached.cache.totals()
+    assert totals["misses"] > 0 and (cache_experts < 40 or totals["hits"] > 0), totals
 
 
 @pytest.mark.parametrize("capacity,force", [("all", False), (12, True)])
