@@ -17,7 +17,7 @@ step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; t
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
 for s in $STEPS; do
   case $s in
-    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_cache.py tests/test_kernels.py ;;
+    tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_cache.py tests/test_kernels.py tests/test_store.py ;;
     auto) step $s python3 -c "from flash_moe.load import cache_capacity; from flash_moe.layout import ModelLayout; print('auto cache capacity', cache_capacity('auto', ModelLayout.read('$M')))" ;;
     tests_ops) step $s env FLASH_MOE_BACKEND=ops python3 -m pytest -q tests/test_expert_cache.py ;;
     preload_k4) step $s $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
@@ -36,6 +36,9 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     page_k4) step $s $D --k 4 --warm-prompt 128 --json "$OUT/$s.json" ;;
     cap_k4) step $s $D --k 4 --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
     cap_cache_k4) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --json "$OUT/$s.json" ;;
+    cap_k4_direct) step $s $D --k 4 --cold --cap-fraction 0.16 --direct --json "$OUT/$s.json" ;;
+    cap_cache_k4_direct) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --json "$OUT/$s.json" ;;
+    cap_cache_k4_direct_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac

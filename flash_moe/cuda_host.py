@@ -200,9 +200,10 @@ class PinnedSlotBuffers:
         """Copy slots 0..count-1 of set ``index`` into ``targets[i][positions[slot]]``, in place, on the GPU.
 
         ``targets``: one evaluated, row-contiguous MLX array per layout tensor, in layout order, of shape
-        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array holding 0: MLX does not
-        know the targets changed, so a kernel reading them must take an input computed from it (MLX's CUDA
-        graphs order kernels by the buffers they read), and a host read must wait for it (``mx.depends``).
+        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array holding 0. Evaluate it
+        before anything reads the targets: MLX does not know they changed, so it orders no reader after the
+        kernel (its CUDA graphs link kernels by the buffers they read), and a lazy output no one evaluates
+        never runs.
         """
         if len(targets) != len(self.layout.tensors):
             raise ValueError(f"scatter: {len(targets)} target arrays for {len(self.layout.tensors)} tensors")

@@ -51,7 +51,6 @@ class ExpertCache:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
-        self._fill_handle: mx.array | None = None  # zero output of the last kernel fill, see index_array
         self.speculate = True  # may tokens run without per-layer syncs when everything they need is cached
         self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
         self._clean = 0  # synchronous fetches in a row without a miss
@@ -83,7 +82,6 @@ class ExpertCache:
         self.hits[layer] += len(ids) - len(miss)
         self.misses[layer] += len(miss)
         self._clean = 0 if len(miss) else self._clean + 1
-        arrays = self.arrays
         if len(miss):
             score = self.weight * self.uses + self.last
             score[pos[pos >= 0]] = np.iinfo(np.int64).max  # never evict what this fetch uses
@@ -91,37 +89,28 @@ class ExpertCache:
             old = self.keys[victims]
             self.position[old[old >= 0]] = -1
             self._rows = None  # the device copy of the positions is stale
-            done = self._fill(layer, ids[miss], victims)
+            self._fill(layer, ids[miss], victims)
             self.keys[victims], self.uses[victims] = keys[miss], 0
             self.position[keys[miss]] = victims
             pos[miss] = victims
-            if done:  # kernel fills: whatever reads the arrays must come after them
-                # mx.depends makes a host-side read (np.array) wait for the fill; kernels are ordered by
-                # the buffers they read, so index arrays also carry the fill's (zero) output: index_array.
-                arrays = dict(zip(arrays, mx.depends(list(arrays.values()), done)))
-                self._fill_handle = done[0] if len(done) == 1 else mx.concatenate(done).sum()
         self.uses[pos] += 1
         self.last[pos] = self.tick
-        return arrays, pos
+        return self.arrays, pos
 
-    def index_array(self, positions: np.ndarray) -> mx.array:
-        """The device index array for positions from ``fetch``, ordered after that fetch's kernel fills."""
-        index = mx.array(positions.astype(np.int32))
-        if self._fill_handle is not None:
-            index, self._fill_handle = index + self._fill_handle, None
-        return index
-
-    def _fill(self, layer: int, ids: np.ndarray, victims: np.ndarray) -> list[mx.array]:
+    def _fill(self, layer: int, ids: np.ndarray, victims: np.ndarray) -> None:
         if self._readers:  # what reads the entries about to be overwritten must have run
             mx.eval(*self._readers)
             self._readers.clear()
-        step, done = self.store.capacity, []
+        step = self.store.capacity
         for first in range(0, len(ids), step):
             slots = self.store.fetch(layer, ids[first : first + step])
             where = victims[first : first + step]
             if self._scatter is not None:
-                done.append(self._scatter(slots.index, slots.count, list(self.arrays.values()), where))
-                slots.consumed_by(done[-1])
+                # Run the fill now. MLX does not know the kernel writes the cache arrays (they are its inputs),
+                # so nothing would order a later reader after it: its CUDA graphs link kernels by the buffers
+                # they read, and a lazy fill whose zero output no one evaluates never runs at all. The fetch has
+                # just synced on the routing, so the queue is empty and the wait is one kernel.
+                mx.eval(self._scatter(slots.index, slots.count, list(self.arrays.values()), where))
                 continue
             for i, v in enumerate(where.tolist()):
                 at = mx.array([v])
@@ -131,7 +120,6 @@ class ExpertCache:
                     self.arrays[name] = mx.slice_update(self.arrays[name], slots.arrays[name][i : i + 1], at, axes=(0,))
             # Evaluate now: frees the slot set and leaves no pending reference that would force a copy later.
             mx.eval(list(self.arrays.values()))
-        return done
 
     def preload(self, progress: bool = False) -> int:
         """Fill the cache before decoding: every expert when they all fit, else the most used so far
@@ -155,14 +143,13 @@ class ExpertCache:
         step = self.store.capacity
         for l, ids in todo.items():
             for first in range(0, len(ids), step):
-                arrays, _ = self.fetch(l, ids[first : first + step])
-                mx.eval(list(arrays.values()))  # runs the fill (its kernels are lazy like any MLX op)
+                self.fetch(l, ids[first : first + step])
                 if bar is not None:
                     bar.update(len(ids[first : first + step]))
         if bar is not None:
             bar.close()
         self.hits[:], self.misses[:] = counters
-        self._clean, self._fill_handle = 0, None  # the fills have run: nothing left to order after
+        self._clean = 0
         return count
 
     # ---- speculation ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ gives resident experts; a converted folder (``layout.json``) gives experts strea
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -224,8 +225,26 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
     return max(1, min(n, total))
 
 
+def direct_io_possible(path: Path, layout: ModelLayout, read_chunk: int) -> bool:
+    """Whether the store can read this layout with O_DIRECT: every tensor 4 KiB-aligned in the file and in
+    the slot buffers (both kinds align a tensor's slots to its size), on a filesystem that allows it."""
+    from .store import DIRECT_ALIGN, direct_supported
+
+    aligned = all(t.offset % DIRECT_ALIGN == 0 and t.nbytes % DIRECT_ALIGN == 0 for t in layout.expert.tensors)
+    if not (direct_supported() and aligned and read_chunk % DIRECT_ALIGN == 0 and layout.moe_layers):
+        return False
+    if not hasattr(os, "O_DIRECT"):
+        return True  # F_NOCACHE is per descriptor and always accepted
+    try:  # tmpfs and some overlay filesystems refuse O_DIRECT at open
+        os.close(os.open(path / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
-                   cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
+                   cache_experts: int | float | str = 0, read_chunk: int = 2 << 20,
+                   direct_io: bool | str = False) -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -244,9 +263,11 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     e, store, cache = layout.expert, None, None
     if stream:
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
-        store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
-                             buffers=slot_buffers(layout))
         cached = cache_capacity(cache_experts, layout)
+        if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
+            direct_io = bool(cached) and direct_io_possible(path, layout, read_chunk)
+        store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
+                             buffers=slot_buffers(layout), direct=bool(direct_io))
         if cached:
             cache = ExpertCache(store, cached)
         factory = lambda layer: StreamingExperts(store, layer, cache)
@@ -264,7 +285,8 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
-         cache_experts: int | float | str = 0, read_chunk: int = 2 << 20) -> LoadedModel:
+         cache_experts: int | float | str = 0, read_chunk: int = 2 << 20,
+         direct_io: bool | str = False) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -281,13 +303,15 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             the faster tier). 0 (the default until the CUDA fill-ordering fix has run on a GPU, see
             docs/benchmarks.md): the page cache is the only cache.
         read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
+        direct_io: read experts around the page cache (O_DIRECT): True, False, or "auto" (when a device
+            cache is in front and the layout is 4 KiB-aligned).
     """
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():
         raise CheckpointError(f"{path}: the conversion into this folder did not finish; rerun flash-moe convert to resume it")
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
-                                cache_experts=cache_experts, read_chunk=read_chunk)
+                                cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io)
     else:
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)

@@ -13,6 +13,7 @@ arrays computed from it with ``SlotSet.consumed_by`` and the store evaluates the
 from __future__ import annotations
 
 import errno
+import fcntl
 import operator
 import os
 import threading
@@ -184,7 +185,7 @@ class IOStats:
 class _LayerFiles:
     """The layer files, each opened once and checked to hold exactly num_experts * stride bytes."""
 
-    def __init__(self, folder: Path, layout: ModelLayout, layers=None):
+    def __init__(self, folder: Path, layout: ModelLayout, layers=None, direct: bool = False):
         self.fds: dict[int, int] = {}
         self.paths: dict[int, Path] = {}
         expected = layout.layer_bytes()
@@ -194,13 +195,19 @@ class _LayerFiles:
                     raise ValueError(f"layer {layer} is not a MoE layer listed in {folder / 'layout.json'}")
                 path = folder / layout.layer_file(layer)
                 try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (_O_DIRECT if direct else 0))
                 except FileNotFoundError:
                     raise FileNotFoundError(
                         f"{path}: file of layer {layer} is missing (expected {expected:,} bytes); "
                         "was the conversion interrupted?"
                     ) from None
+                except OSError as e:
+                    if not (direct and e.errno == errno.EINVAL):
+                        raise
+                    raise OSError(e.errno, f"{path}: this filesystem refuses O_DIRECT; load with direct_io=False") from None
                 self.fds[layer], self.paths[layer] = fd, path
+                if direct and not _O_DIRECT:  # macOS: no O_DIRECT, but the same bypass per descriptor
+                    fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
                 size = os.fstat(fd).st_size
                 if size != expected:
                     raise ValueError(
@@ -247,9 +254,10 @@ class _ReadPool:
             t.join()
 
 
-def _shutdown(pool: _ReadPool, files: _LayerFiles, buffers, pending: list[list]) -> None:
+def _shutdown(pool: _ReadPool, files: list[_LayerFiles], buffers, pending: list[list]) -> None:
     pool.shutdown()
-    files.close()
+    for f in files:
+        f.close()
     # A buffer kind may free memory that pending computation still reads (pinned CUDA memory does).
     for arrays in pending:
         if arrays:
@@ -274,6 +282,14 @@ def _chunks(iov: list[memoryview], size: int) -> list[tuple[int, list[memoryview
     return chunks
 
 
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+DIRECT_ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths on the device's logical block: 4 KiB covers all
+
+
+def direct_supported() -> bool:
+    return bool(_O_DIRECT) or hasattr(fcntl, "F_NOCACHE")
+
+
 def _probe_mode(probe_cache: bool) -> str | None:
     if not probe_cache:
         return None
@@ -292,6 +308,11 @@ class ExpertStore:
         buffers: a ``SlotBuffers`` class or factory, called as ``buffers(expert_layout, capacity, num_sets)``;
             ``HostSlotBuffers`` when None.
         probe_cache: count page-cache hits and misses (``RWF_NOWAIT`` probe on Linux, read time elsewhere).
+        direct: read around the page cache (``O_DIRECT`` on Linux, ``F_NOCACHE`` on macOS), straight into the
+            slot buffers. For a machine whose own cache tier sits in front (a discrete GPU's ExpertCache):
+            no page-cache copy, no reclaim under a memory cap, and no page-cache hits either (every read
+            counts as a miss). Needs 4 KiB-aligned tensors and buffers (real checkpoints' sizes; pinned CUDA
+            slots); says which tensor is not.
     """
 
     def __init__(
@@ -305,6 +326,7 @@ class ExpertStore:
         read_chunk: int = 2 << 20,
         buffers=None,
         probe_cache: bool = True,
+        direct: bool = False,
     ):
         if capacity < 1 or num_sets < 1 or threads < 1:
             raise ValueError(f"capacity, num_sets and threads must be >= 1, got {capacity}, {num_sets}, {threads}")
@@ -317,14 +339,20 @@ class ExpertStore:
         self._stride, self._expert_bytes = expert.stride, expert.expert_bytes
         if read_chunk < 4096:
             raise ValueError(f"read_chunk must be >= 4096 bytes, got {read_chunk}")
-        self._read_chunk = read_chunk
-        self._probe = _probe_mode(probe_cache)
+        if direct and not direct_supported():
+            raise ValueError("direct reads need O_DIRECT (Linux) or F_NOCACHE (macOS); this platform has neither")
+        if direct and read_chunk % DIRECT_ALIGN:
+            raise ValueError(f"direct reads: read_chunk {read_chunk:,} is not a multiple of {DIRECT_ALIGN} bytes")
+        self._read_chunk, self.direct = read_chunk, direct
+        self._probe = ("direct" if probe_cache else None) if direct else _probe_mode(probe_cache)
         self._files = _LayerFiles(self.folder, self.layout)
         # One scratch area takes the alignment padding between tensors; its content is never used.
         self._scratch = memoryview(bytearray(64))
         try:
             self.buffers = (buffers or HostSlotBuffers)(expert, capacity, num_sets)
             self._iovecs = [self._plan(self.buffers.host_views(s)) for s in range(num_sets)]
+            # verify() and checksums keep the buffered descriptors; fetches read through these.
+            self._read_files = _LayerFiles(self.folder, self.layout, direct=True) if direct else self._files
         except BaseException:
             self._files.close()
             raise
@@ -333,7 +361,8 @@ class ExpertStore:
         self._lock = threading.Lock()
         self._pool = _ReadPool(threads)
         self.stats = IOStats.zeros(max(self.layout.moe_layers, default=-1) + 1, self.layout.num_experts)
-        self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._files, self.buffers, self._pending)
+        files = [self._files] + ([self._read_files] if direct else [])
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool, files, self.buffers, self._pending)
 
     def _plan(self, views: dict[str, np.ndarray]) -> list[list]:
         """Per slot, the expert's bytes in file order as read chunks [(offset in expert, buffers, bytes)]."""
@@ -346,6 +375,12 @@ class ExpertStore:
                 view = views[t.name]
                 if view.shape != (self.capacity, *t.shape) or view.nbytes != self.capacity * t.nbytes:
                     raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
+                if self.direct and (t.offset % DIRECT_ALIGN or t.nbytes % DIRECT_ALIGN or view.ctypes.data % DIRECT_ALIGN):
+                    raise ValueError(
+                        f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
+                        f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
+                        f"{view.ctypes.data:#x}; read through the page cache (direct=False) instead"
+                    )
                 iov.append(memoryview(view[slot]).cast("B"))
                 pos = t.offset + t.nbytes
             plan.append(_chunks(iov, self._read_chunk))
@@ -353,7 +388,8 @@ class ExpertStore:
 
     @property
     def probe(self) -> str | None:
-        """How hits are estimated: "nowait" (RWF_NOWAIT probe), "timing" (read speed), or None (off)."""
+        """How hits are estimated: "nowait" (RWF_NOWAIT probe), "timing" (read speed), "direct" (none: the
+        page cache is bypassed), or None (off)."""
         return self._probe
 
     def resident_bytes(self) -> int:
@@ -370,7 +406,7 @@ class ExpertStore:
         if not self._finalizer.alive:
             raise ValueError(f"ExpertStore of {self.folder} is closed")
         ids = self._check(layer, expert_ids)
-        fd, n = self._files.fds[layer], len(ids)
+        fd, n = self._read_files.fds[layer], len(ids)
         done: SimpleQueue = SimpleQueue()  # per fetch, so an interrupted fetch cannot leak results into the next
         with self._lock:
             index = self._next_set

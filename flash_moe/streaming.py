@@ -60,7 +60,7 @@ class StreamingExperts(nn.Module):
         local = local.reshape(ids.shape).astype(np.int32)
         if self._cache is not None and len(uniq) <= self._cache.capacity:
             arrays, pos = self._cache.fetch(self._layer, uniq)  # device tier: hits cost no read, no copy
-            y = expert_compute(x, arrays, self._cache.index_array(pos[local]), scores, self._layout)
+            y = expert_compute(x, arrays, mx.array(pos[local]), scores, self._layout)
             self._cache.consumed_by(y)
             return y
         cap = self._store.capacity

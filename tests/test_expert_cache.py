@@ -93,11 +93,11 @@ def test_too_many_experts(tmp_path):
             cache.fetch(0, [0, 1, 2, 3])
 
 
-def _tiny_model(tmp_path, seed):
+def _tiny_model(tmp_path, seed, hidden=128, intermediate=64):
     from flash_moe.synthetic import qwen35_397b_config, write_synthetic
 
     config = qwen35_397b_config(num_layers=4, vocab_size=200)
-    config.update(hidden_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=16,
+    config.update(hidden_size=hidden, moe_intermediate_size=intermediate, shared_expert_intermediate_size=64, num_experts=16,
                   num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
     write_synthetic(tmp_path / "m", config, bits=4, seed=seed, progress=False)
@@ -120,6 +120,29 @@ def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
         assert err < MODEL_TOL, f"relative error {err:.2e} with a {cache_experts}-expert cache (seed {seed})"
     totals = cached.cache.totals()
     assert totals["misses"] > 0 and (cache_experts < 40 or totals["hits"] > 0), totals
+
+
+def test_direct_io_cached_model_equals_resident(tmp_path, seed):
+    """direct_io="auto" reads around the page cache when a device cache is in front and the layout is 4 KiB
+    aligned (hidden 512, experts of 256 at 4 bits); the logits stay the resident model's."""
+    import flash_moe
+    from flash_moe.load import direct_io_possible
+
+    path = _tiny_model(tmp_path, seed, hidden=512, intermediate=256)
+    cached = flash_moe.load(path, dtype="float32", cache_experts=6, slots=4, direct_io="auto")
+    if not direct_io_possible(path, cached.store.layout, 2 << 20):
+        assert not cached.store.direct
+        pytest.skip(f"{path}: this platform or filesystem has no direct I/O")
+    assert cached.store.direct
+    assert not flash_moe.load(path, dtype="float32", slots=4, direct_io="auto").store.direct  # no device cache
+    resident = flash_moe.load(path, dtype="float32", stream=False)
+    tokens = mx.array(np.random.default_rng(seed).integers(0, 200, (1, 7)))
+    c1, c2 = cached.make_cache(), resident.make_cache()
+    for step in [tokens] + [tokens[:, i : i + 1] for i in range(4)]:
+        a, b = cached(step, c1), resident(step, c2)
+        err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
+        assert err < MODEL_TOL, f"relative error {err:.2e} with direct reads (seed {seed})"
+    assert cached.store.stats.totals()["misses"] > 0 and cached.store.stats.totals()["hits"] == 0
 
 
 @pytest.mark.parametrize("capacity,force", [("all", False), (12, True)])
