@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flash_moe import load  # noqa: E402
 from flash_moe.generate import generate_step  # noqa: E402
 from flash_moe.layout import ModelLayout  # noqa: E402
+from flash_moe.load import direct_io_possible  # noqa: E402
 from flash_moe.timing import PhaseTimer  # noqa: E402
 
 
@@ -226,8 +227,9 @@ def main():
     p.add_argument("--no-speculate", action="store_true",
                    help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
     p.add_argument("--preload", action="store_true", help="with --cache-experts: fill the device cache before decoding")
-    p.add_argument("--direct", action="store_true",
-                   help="the ExpertStore reads with O_DIRECT (around the page cache); also measures a direct pread pass")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="the ExpertStore reads with O_DIRECT (around the page cache), or not; default: the library's "
+                        "'auto' (direct when a device cache is in front). Direct runs also measure a direct pread pass")
     p.add_argument("--read-chunk-kib", type=int, default=2048, help="bytes per read of the ExpertStore, in KiB")
     p.add_argument("--resident", action="store_true",
                    help="flash_moe with every expert in memory (no store): our model code against mlx-lm's")
@@ -254,7 +256,9 @@ def main():
     print(f"raw parallel pread ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
           f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s, "
           f"repeat one layer at a time {layered['gb_per_s']:.2f} GB/s")
-    if args.direct:  # the disk's bound is the better of the two ways to read it
+    direct_io = "auto" if args.direct is None else args.direct
+    if args.direct is not False and direct_io_possible(folder, layout, args.read_chunk_kib << 10):
+        # the disk's bound is the better of the two ways to read it
         direct = pread_test(folder, layout, args.k, 8, args.threads, seed=2, direct=True)
         result["pread"]["direct"] = direct
         print(f"raw parallel pread with O_DIRECT: {direct['gb_per_s']:.2f} GB/s")
@@ -264,7 +268,7 @@ def main():
     if args.resident:
         return resident_run(folder, args, result)
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
-                 read_chunk=args.read_chunk_kib << 10, direct_io=args.direct)
+                 read_chunk=args.read_chunk_kib << 10, direct_io=direct_io)
     if model.cache is not None and args.no_speculate:
         model.cache.speculate = False
     if model.cache is not None and args.preload:
@@ -293,7 +297,9 @@ def main():
     avg = {key: float(np.mean([r[key] for r in trials])) for key in ("prompt_tps", "generation_tps", "peak_memory", "total_time")}
     print("Averages: " + ", ".join(f"{k2}={v:.3f}" for k2, v in avg.items()))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
-    print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB")
+    result["direct_io"] = model.store.direct
+    print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB; "
+          f"expert reads {'with O_DIRECT' if model.store.direct else 'through the page cache'}")
     if model.cache is not None:
         result["device_cache"] = model.cache.totals()
         print(f"device expert cache: {result['device_cache']}")

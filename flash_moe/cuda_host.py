@@ -33,6 +33,7 @@ _HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2
 _MEMCPY_HOST_TO_DEVICE = 1
 _STREAM_NON_BLOCKING = 1
 _ALIGN = 256
+_PAGE = 4096
 _NUMPY = {"uint32": np.uint32, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _MLX = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _PULL_THREADS = 65536
@@ -143,13 +144,20 @@ class PinnedSlotBuffers:
             self._offsets.append(pos)
             pos = _align(pos + capacity * t.nbytes)
         self.set_bytes = pos
-        self._host_ptrs, self._device_ptrs, self._views, self._meta = [], [], [], []
+        self._allocs, self._host_ptrs, self._device_ptrs, self._views, self._meta = [], [], [], [], []
         self._stream = self.cuda.stream() if upload == "copy" else None
         try:
             for _ in range(num_sets):
-                host = self.cuda.host_alloc(self.set_bytes)
+                # cudaHostAlloc suballocates small requests (seen: ...6200); O_DIRECT reads want page-aligned
+                # destinations (ExpertStore(direct=True)), so each set starts on the next page.
+                raw = self.cuda.host_alloc(self.set_bytes + _PAGE)
+                self._allocs.append(raw)
+                host = raw + (-raw % _PAGE)
                 self._host_ptrs.append(host)
-                source = self.cuda.device_pointer(host) if upload == "mapped" else self.cuda.malloc(self.set_bytes)
+                if upload == "mapped":
+                    source = self.cuda.device_pointer(raw) + host - raw
+                else:
+                    source = self.cuda.malloc(self.set_bytes)
                 if upload == "copy":
                     self._device_ptrs.append(source)
                 self._views.append(self._host_views(host))
@@ -234,10 +242,10 @@ class PinnedSlotBuffers:
 
     def close(self) -> None:
         """Free the memory: only once nothing computed from these sets is still pending."""
-        for ptr in self._host_ptrs:
+        for ptr in self._allocs:
             self.cuda("cudaFreeHost", ctypes.c_void_p(ptr))
         for ptr in self._device_ptrs:
             self.cuda("cudaFree", ctypes.c_void_p(ptr))
         if self._stream:
             self.cuda("cudaStreamDestroy", ctypes.c_void_p(self._stream))
-        self._host_ptrs, self._device_ptrs, self._views, self._stream = [], [], [], None
+        self._allocs, self._host_ptrs, self._device_ptrs, self._views, self._stream = [], [], [], [], None

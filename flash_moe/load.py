@@ -243,8 +243,8 @@ def direct_io_possible(path: Path, layout: ModelLayout, read_chunk: int) -> bool
 
 
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
-                   cache_experts: int | float | str = 0, read_chunk: int = 2 << 20,
-                   direct_io: bool | str = False) -> LoadedModel:
+                   cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
+                   direct_io: bool | str = "auto") -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -285,8 +285,8 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
-         cache_experts: int | float | str = 0, read_chunk: int = 2 << 20,
-         direct_io: bool | str = False) -> LoadedModel:
+         cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
+         direct_io: bool | str = "auto") -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -299,12 +299,11 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         stream: for a converted folder, False reads every expert into memory once instead of per token.
         cache_experts: keep this many experts (of any layer) in device memory in front of the store (an
             ``ExpertCache``; for discrete GPUs): a count, a fraction in (0, 1) of all experts, "all", or
-            "auto" (what fits in free GPU memory on CUDA, none on Apple and the CPU, where the page cache is
-            the faster tier). 0 (the default until the CUDA fill-ordering fix has run on a GPU, see
-            docs/benchmarks.md): the page cache is the only cache.
+            "auto" (the default: what fits in free GPU memory on CUDA, none on Apple and the CPU, where the
+            page cache is the faster tier); 0 turns it off.
         read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
-        direct_io: read experts around the page cache (O_DIRECT): True, False, or "auto" (when a device
-            cache is in front and the layout is 4 KiB-aligned).
+        direct_io: read experts around the page cache (O_DIRECT): True, False, or "auto" (the default:
+            when a device cache is in front, the layout is 4 KiB-aligned and the filesystem allows it).
     """
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():

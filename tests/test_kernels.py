@@ -354,6 +354,7 @@ def test_pinned_slot_buffers(upload, seed):
     try:
         for index in range(2):
             slots, dense = random_slots(rng, 6, 256, 128, 4, 64, mx.bfloat16)
+            assert buffers.host_views(index)["gate_proj.weight"].ctypes.data % 4096 == 0  # O_DIRECT destinations
             for name, view in buffers.host_views(index).items():
                 source = slots[name].view(mx.uint16) if slots[name].dtype == mx.bfloat16 else slots[name]
                 view[...] = np.array(source)
