@@ -58,10 +58,11 @@ def _ask(prompt: str) -> str | None:
 
 
 def chat(model_path: str, *, system: str | None = None, experts_per_token: int | None = None, tools: bool = True,
-         enable_thinking=None, out=sys.stdout, **sampling) -> None:
+         enable_thinking=None, out=sys.stdout, load_options: dict | None = None, **sampling) -> None:
+    """``load_options``: more keyword arguments of ``load`` (``cache_experts``, ``direct_io``, ...)."""
     from . import load
 
-    model = load(model_path, experts_per_token=experts_per_token)
+    model = load(model_path, experts_per_token=experts_per_token, **(load_options or {}))
     schemas = BUILTIN_TOOLS if tools else None
     reset = [{"role": "system", "content": system}] if system else []
     history = list(reset)

@@ -18,6 +18,21 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's num_experts_per_tok)")
 
 
+def _add_loading(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-experts", default="auto",
+                   help="experts kept in GPU memory (discrete GPUs): a count, a fraction of all experts, 'all', "
+                        "or 'auto' (default: what fits on CUDA, none on Apple/CPU); 0 turns it off")
+    p.add_argument("--direct-io", default="auto", choices=("auto", "on", "off"),
+                   help="read experts around the page cache with O_DIRECT (default auto: when a GPU cache is in front)")
+    p.add_argument("--preload", action="store_true",
+                   help="fill the GPU expert cache before generating (progress bar; nothing to do without one)")
+
+
+def _loading(args) -> dict:
+    direct = {"auto": "auto", "on": True, "off": False}[args.direct_io]
+    return dict(experts_per_token=args.k, cache_experts=args.cache_experts, direct_io=direct, preload=args.preload)
+
+
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -46,7 +61,7 @@ def cmd_generate(args) -> None:
     from . import load
     from .timing import PhaseTimer
 
-    model = load(args.model, experts_per_token=args.k)
+    model = load(args.model, **_loading(args))
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
     timer = PhaseTimer(model).install() if args.timing else None
@@ -69,8 +84,9 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from .chat import chat
 
-    chat(args.model, system=args.system, experts_per_token=args.k, tools=not args.no_tools,
-         enable_thinking=args.think, **{k: v for k, v in _sampling(args).items()})
+    options = _loading(args)
+    chat(args.model, system=args.system, experts_per_token=options.pop("experts_per_token"), tools=not args.no_tools,
+         enable_thinking=args.think, load_options=options, **_sampling(args))
 
 
 def cmd_demo(args) -> None:
@@ -106,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--timing", action="store_true", help="print a per-phase ms/token table (adds a sync per phase)")
     _add_sampling(p)
+    _add_loading(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /exit)")
@@ -115,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                    help="turn thinking on or off (default: the chat template's default)")
     _add_sampling(p)
+    _add_loading(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")

@@ -286,7 +286,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
          cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-         direct_io: bool | str = "auto") -> LoadedModel:
+         direct_io: bool | str = "auto", preload: bool = False) -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -304,6 +304,8 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
         direct_io: read experts around the page cache (O_DIRECT): True, False, or "auto" (the default:
             when a device cache is in front, the layout is 4 KiB-aligned and the filesystem allows it).
+        preload: fill the device cache before returning (every expert when they fit; with a progress bar).
+            Without a device cache there is nothing to fill and this does nothing.
     """
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():
@@ -316,4 +318,6 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
         loaded.set_experts_per_token(experts_per_token)
+    if preload and getattr(loaded, "cache", None) is not None:
+        loaded.cache.preload(progress=True)
     return loaded

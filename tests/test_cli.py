@@ -112,6 +112,37 @@ def test_generate_flags_map_to_arguments(demo, demo_folder, seed, monkeypatch, c
     two.close()
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_loading_flags_map_to_load(demo_folder, monkeypatch, command):
+    """--cache-experts, --direct-io and --preload reach load(); the defaults are load()'s own."""
+    seen = []
+
+    def fake_load(path, **kwargs):
+        seen.append(kwargs)
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(flash_moe, "load", fake_load)
+    rest = ["--prompt", "x"] if command == "generate" else []
+    for flags, want in (([], dict(cache_experts="auto", direct_io="auto", preload=False)),
+                        (["--cache-experts", "0.25", "--direct-io", "on", "--preload"],
+                         dict(cache_experts="0.25", direct_io=True, preload=True)),
+                        (["--cache-experts", "0", "--direct-io", "off"], dict(cache_experts="0", direct_io=False))):
+        with pytest.raises(SystemExit, match="stop here"):
+            main([command, "--model", str(demo_folder), *rest, *flags])
+        assert {k: seen[-1][k] for k in want} == want, (flags, seen[-1])
+    assert load.__defaults__ is None and "direct_io" in load.__kwdefaults__
+    assert {k: load.__kwdefaults__[k] for k in ("cache_experts", "direct_io", "preload")} == \
+        dict(cache_experts="auto", direct_io="auto", preload=False)
+
+
+def test_generate_with_device_cache_and_preload(demo_folder, capsys):
+    """A forced device cache (on any backend) preloaded from the CLI generates text."""
+    main(["generate", "--model", str(demo_folder), "--prompt", "def", "--raw", "--max-tokens", "5",
+          "--cache-experts", "all", "--preload"])
+    out = capsys.readouterr()
+    assert out.out.strip() and "preload experts" in out.err
+
+
 # ---- chat ----------------------------------------------------------------------------------------------
 
 
