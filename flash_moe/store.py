@@ -1,7 +1,8 @@
 """ExpertStore: reads the routed experts a layer needs from the packed layer files into slot buffers.
 
 The store reads bytes; it does not dequantize or compute, and it does not cache: it trusts the OS page
-cache (flash-moe measured every user-space cache as a loss). One ``fetch(layer, ids)`` reads each expert
+cache (flash-moe measured every user-space cache as a loss on unified memory), or, with ``direct=True``,
+reads around it for a machine whose cache tier is elsewhere (a discrete GPU's ExpertCache). One ``fetch(layer, ids)`` reads each expert
 with one positioned scatter read (``os.preadv``) straight into preallocated slot arrays, the experts in
 parallel on a persistent thread pool (preadv releases the GIL).
 
