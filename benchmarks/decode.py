@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flash_moe import load  # noqa: E402
 from flash_moe.generate import generate_step  # noqa: E402
 from flash_moe.layout import ModelLayout  # noqa: E402
-from flash_moe.load import direct_io_possible  # noqa: E402
+from flash_moe.store import direct_readable  # noqa: E402
 from flash_moe.timing import PhaseTimer  # noqa: E402
 
 
@@ -257,7 +257,7 @@ def main():
           f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s, "
           f"repeat one layer at a time {layered['gb_per_s']:.2f} GB/s")
     direct_io = "auto" if args.direct is None else args.direct
-    if args.direct is not False and direct_io_possible(folder, layout, args.read_chunk_kib << 10):
+    if args.direct is not False and direct_readable(folder, layout, args.read_chunk_kib << 10):
         # the disk's bound is the better of the two ways to read it
         direct = pread_test(folder, layout, args.k, 8, args.threads, seed=2, direct=True)
         result["pread"]["direct"] = direct

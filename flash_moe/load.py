@@ -6,7 +6,6 @@ gives resident experts; a converted folder (``layout.json``) gives experts strea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -225,23 +224,6 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
     return max(1, min(n, total))
 
 
-def direct_io_possible(path: Path, layout: ModelLayout, read_chunk: int) -> bool:
-    """Whether the store can read this layout with O_DIRECT: every tensor 4 KiB-aligned in the file and in
-    the slot buffers (both kinds align a tensor's slots to its size), on a filesystem that allows it."""
-    from .store import DIRECT_ALIGN, direct_supported
-
-    aligned = all(t.offset % DIRECT_ALIGN == 0 and t.nbytes % DIRECT_ALIGN == 0 for t in layout.expert.tensors)
-    if not (direct_supported() and aligned and read_chunk % DIRECT_ALIGN == 0 and layout.moe_layers):
-        return False
-    if not hasattr(os, "O_DIRECT"):
-        return True  # F_NOCACHE is per descriptor and always accepted
-    try:  # tmpfs and some overlay filesystems refuse O_DIRECT at open
-        os.close(os.open(path / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-
-
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
                    cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
                    direct_io: bool | str = "auto") -> LoadedModel:
@@ -249,7 +231,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
     from .experts import ResidentExperts
-    from .store import ExpertStore
+    from .store import ExpertStore, direct_readable
     from .streaming import StreamingExperts
 
     config = read_config(path)
@@ -265,7 +247,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
         cached = cache_capacity(cache_experts, layout)
         if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
-            direct_io = bool(cached) and direct_io_possible(path, layout, read_chunk)
+            direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                              buffers=slot_buffers(layout), direct=bool(direct_io))
         if cached:
@@ -318,6 +300,6 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
         loaded.set_experts_per_token(experts_per_token)
-    if preload and getattr(loaded, "cache", None) is not None:
+    if preload and loaded.cache is not None:
         loaded.cache.preload(progress=True)
     return loaded

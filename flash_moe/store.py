@@ -2,9 +2,9 @@
 
 The store reads bytes; it does not dequantize or compute, and it does not cache: it trusts the OS page
 cache (flash-moe measured every user-space cache as a loss on unified memory), or, with ``direct=True``,
-reads around it for a machine whose cache tier is elsewhere (a discrete GPU's ExpertCache). One ``fetch(layer, ids)`` reads each expert
-with one positioned scatter read (``os.preadv``) straight into preallocated slot arrays, the experts in
-parallel on a persistent thread pool (preadv releases the GIL).
+reads around it for a machine whose cache tier is elsewhere (a discrete GPU's ExpertCache). One
+``fetch(layer, ids)`` reads each expert with positioned scatter reads (``os.preadv``) straight into
+preallocated slot arrays, the experts in parallel on a persistent thread pool (preadv releases the GIL).
 
 Slot buffers are a swappable piece (``SlotBuffers``): ``num_sets`` sets used round robin, so the caller
 can compute on one set while the next fills. A set is overwritten ``num_sets`` fetches later; mark the
@@ -291,6 +291,26 @@ def direct_supported() -> bool:
     return bool(_O_DIRECT) or hasattr(fcntl, "F_NOCACHE")
 
 
+def _direct_aligned(t) -> bool:
+    return t.offset % DIRECT_ALIGN == 0 and t.nbytes % DIRECT_ALIGN == 0
+
+
+def direct_readable(folder: str | Path, layout: ModelLayout, read_chunk: int) -> bool:
+    """Whether ``ExpertStore(folder, direct=True, read_chunk=...)`` can read this layout: direct I/O here, every
+    tensor 4 KiB-aligned in the file (both slot buffer kinds then align its slots too), and a filesystem that
+    accepts O_DIRECT (tmpfs and some overlays refuse it at open)."""
+    aligned = all(_direct_aligned(t) for t in layout.expert.tensors) and read_chunk % DIRECT_ALIGN == 0
+    if not (direct_supported() and aligned and layout.moe_layers):
+        return False
+    if not _O_DIRECT:
+        return True  # F_NOCACHE is per descriptor and always accepted
+    try:
+        os.close(os.open(Path(folder) / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | _O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
 def _probe_mode(probe_cache: bool) -> str | None:
     if not probe_cache:
         return None
@@ -376,7 +396,7 @@ class ExpertStore:
                 view = views[t.name]
                 if view.shape != (self.capacity, *t.shape) or view.nbytes != self.capacity * t.nbytes:
                     raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
-                if self.direct and (t.offset % DIRECT_ALIGN or t.nbytes % DIRECT_ALIGN or view.ctypes.data % DIRECT_ALIGN):
+                if self.direct and not (_direct_aligned(t) and view.ctypes.data % DIRECT_ALIGN == 0):
                     raise ValueError(
                         f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
                         f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "

@@ -126,14 +126,12 @@ def test_direct_io_cached_model_equals_resident(tmp_path, seed):
     """direct_io="auto" reads around the page cache when a device cache is in front and the layout is 4 KiB
     aligned (hidden 512, experts of 256 at 4 bits); the logits stay the resident model's."""
     import flash_moe
-    from flash_moe.load import direct_io_possible
+    from flash_moe.store import direct_readable
 
     path = _tiny_model(tmp_path, seed, hidden=512, intermediate=256)
     cached = flash_moe.load(path, dtype="float32", cache_experts=6, slots=4, direct_io="auto")
-    if not direct_io_possible(path, cached.store.layout, 2 << 20):
-        assert not cached.store.direct
-        pytest.skip(f"{path}: this platform or filesystem has no direct I/O")
-    assert cached.store.direct
+    direct = direct_readable(path, cached.store.layout, 2 << 20)  # else "auto" falls back to the page cache
+    assert cached.store.direct == direct
     assert not flash_moe.load(path, dtype="float32", slots=4, cache_experts=0, direct_io="auto").store.direct
     resident = flash_moe.load(path, dtype="float32", stream=False)
     tokens = mx.array(np.random.default_rng(seed).integers(0, 200, (1, 7)))
@@ -142,7 +140,8 @@ def test_direct_io_cached_model_equals_resident(tmp_path, seed):
         a, b = cached(step, c1), resident(step, c2)
         err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
         assert err < MODEL_TOL, f"relative error {err:.2e} with direct reads (seed {seed})"
-    assert cached.store.stats.totals()["misses"] > 0 and cached.store.stats.totals()["hits"] == 0
+    totals = cached.store.stats.totals()
+    assert totals["misses"] > 0 and (totals["hits"] == 0 or not direct), totals
 
 
 @pytest.mark.parametrize("capacity,force", [("all", False), (12, True)])
