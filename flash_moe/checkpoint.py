@@ -14,11 +14,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import ResidentExperts
+from .files import CheckpointError  # defined with the file checks; imported from here by older code
 from .model import Model, ModelArgs, WeightError, sanitize
 
 
-class CheckpointError(ValueError):
-    pass
 
 
 def read_config(folder: str | Path) -> dict:
