@@ -275,6 +275,29 @@ def test_no_tools_keeps_text_values():
             ),
             "given twice",
         ),
+        # JSON with a key given twice, at any depth: the call shown and the call run must not differ
+        ('<tool_call>{"name": "search", "name": "x", "arguments": {"query": "q"}}</tool_call>', "'name' given twice"),
+        (
+            '<tool_call>{"name": "search", "arguments": {"query": "a"}, "arguments": {"query": "b"}}</tool_call>',
+            "'arguments' given twice",
+        ),
+        ('<tool_call>{"name": "search", "arguments": {"query": "a", "query": "b"}}</tool_call>', "'query' given twice"),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "X", "options": {"a": [{"k": 1, "k": 2}]}}}'
+            "</tool_call>",
+            "'k' given twice",
+        ),
+        (
+            '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"a\\", \\"query\\": \\"b\\"}"}</tool_call>',
+            "'query' given twice",
+        ),
+        (
+            '<tool_call>{"name": "search", "arguments": {"query": "a"}, "parameters": {"query": "b"}}</tool_call>',
+            'both "arguments" and "parameters"',
+        ),
+        (xml_call("get_weather", city="X", options='{"a": 1, "a": 2}'), "'options': key 'a' given twice"),
+        (xml_call("get_weather", city="X", options="{'a': 1, 'a': 2}"), "'options': key 'a' given twice"),
+        (xml_call("search", query="q", extra='{"a": {"b": 1, "b": 2}}'), "'extra': key 'b' given twice"),
     ],
 )
 def test_malformed_calls_are_error_values(text, message):
@@ -307,9 +330,9 @@ def test_format_openai_and_template_detection():
 # ---- streaming -------------------------------------------------------------------------
 
 
-def run_stream(text, chunks, tools=TOOLS, in_reasoning=False):
+def run_stream(text, chunks, tools=TOOLS, in_reasoning=False, parse_tools=True):
     """Feed `text` cut at `chunks` boundaries; return (merged ParsedOutput, events)."""
-    parser = ToolCallStreamParser(tools, in_reasoning=in_reasoning)
+    parser = ToolCallStreamParser(tools, in_reasoning=in_reasoning, parse_tools=parse_tools)
     events, pos = [], 0
     for size in chunks:
         events += parser.feed(text[pos : pos + size])
@@ -413,6 +436,21 @@ def test_stream_equals_one_shot_char_by_char_and_random_chunks(seed):
             got, events = run_stream(text, chunks, in_reasoning=in_reasoning)
             assert got == want, f"seed={seed} case={case} {label}: {text!r}"
             assert all(s for kind, s in events if kind != "tool_call"), "empty event"
+
+
+def test_parse_tools_off_leaves_calls_as_text(seed):
+    """chat --no-tools: tool-call markup is content, thinking is still split off."""
+    text = f"<think>\nplan {xml_call('search', query='x')}\n</think>\nOK.\n{json_call('search', query='y')}"
+    want = ParsedOutput(f"OK.\n{json_call('search', query='y')}", f"plan {xml_call('search', query='x')}", [])
+    assert parse_output(text, TOOLS, parse_tools=False) == want
+    assert parse_output(text, TOOLS).tool_calls != [], "on by default"
+    rng = random.Random(seed)
+    for case in range(50):
+        text = random_output(rng)
+        want = parse_output(text, TOOLS, parse_tools=False)
+        assert want.tool_calls == []
+        got, _ = run_stream(text, [rng.randint(1, 8) for _ in text], parse_tools=False)
+        assert got == want, f"seed={seed} case={case}: {text!r}"
 
 
 def test_stream_holds_back_partial_tags():
