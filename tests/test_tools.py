@@ -140,6 +140,11 @@ def test_run_shell_does_not_wait_for_a_background_child():
         os.kill(pid, 9)
 
 
+def test_run_shell_does_not_read_a_background_writer_forever():
+    result, took = within(20, tools.run_shell, "(yes &); echo done", limit=1000)
+    assert result.endswith("bytes]\n(exit status 0)") and len(result) < 1100 and took < 3, (result[-80:], took)
+
+
 def test_run_shell_timeout_kills_the_process_group():
     result, took = within(20, tools.run_shell, "sleep 30 & echo $!; wait", timeout=1)
     pid = int(result.split("\n")[0])
