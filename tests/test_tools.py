@@ -141,8 +141,8 @@ def test_run_shell_does_not_wait_for_a_background_child():
 
 
 def test_run_shell_does_not_read_a_background_writer_forever():
-    result, took = within(20, tools.run_shell, "(yes &); echo done", limit=1000)
-    assert result.endswith("bytes]\n(exit status 0)") and len(result) < 1100 and took < 3, (result[-80:], took)
+    result, took = within(20, tools.run_shell, "(yes &); echo done", limit=1000)  # how much of yes: a race
+    assert result.endswith("\n(exit status 0)") and len(result) < 1100 and took < 3, (result[-80:], took)
 
 
 def test_run_shell_timeout_kills_the_process_group():
