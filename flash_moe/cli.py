@@ -123,7 +123,7 @@ def cmd_chat(args) -> None:
 
     options = _loading(args)
     chat(args.model, system=args.system, experts_per_token=options.pop("experts_per_token"), tools=not args.no_tools,
-         enable_thinking=args.think, load_options=options, **_sampling(args))
+         enable_thinking=args.think, load_options=options, verbose=args.verbose, **_sampling(args))
 
 
 def cmd_demo(args) -> None:
@@ -173,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading(p)
     p.set_defaults(func=cmd_cache_prompt)
 
-    p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /stats, /exit)")
     p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-tools", action="store_true", help="offer no tools to the model")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                    help="turn thinking on or off (default: the chat template's default)")
+    p.add_argument("--verbose", action="store_true",
+                   help="after each reply: prompt tokens, cached tokens, prefill and generation tok/s (/stats toggles)")
     _add_sampling(p)
     _add_loading(p)
     p.set_defaults(func=cmd_chat)
