@@ -36,7 +36,7 @@ FORMAT = "flash_moe.prompt_cache/1"
 DEFAULT_CHECKPOINTS = 4
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its arrays have no truth value
 class Checkpoint:
     """The state after the first ``length`` cached tokens: per layer None (attention: the offset is
     ``length``) or the GDN layer's [conv state, recurrent state] arrays."""
@@ -66,9 +66,6 @@ class PromptCache:
         self.max_checkpoints = max_checkpoints
         # Without GDN layers any prefix is reachable by moving the KV offsets back: no snapshots needed.
         self.trimmable = not any(isinstance(c, ArraysCache) for c in layers)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
     def __repr__(self):
         return (f"PromptCache({len(self.tokens)} tokens, {len(self.checkpoints)} checkpoints at "
@@ -177,7 +174,8 @@ def model_fingerprint(model) -> dict:
     digest = hashlib.blake2b(read_bytes(source, 256 << 20), digest_size=16).hexdigest()
     sizes = {k: getattr(a, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                                         "num_experts", "num_experts_per_tok", "layer_types")}
-    return {**sizes, "checksum": f"{source.name}:{digest}"}
+    dtype = str(model.model.model.norm.weight.dtype).replace("mlx.core.", "")  # the compute dtype (never quantized)
+    return {**sizes, "dtype": dtype, "checksum": f"{source.name}:{digest}"}
 
 
 def save_prompt_cache(path: str | Path, cache: PromptCache, model, metadata: dict | None = None) -> None:
@@ -241,10 +239,19 @@ def load_prompt_cache(path: str | Path, model, return_metadata: bool = False):
             if n:
                 c.update_and_fetch(k, v)
         else:
-            c.cache = [arrays.get(f"layers.{i}.conv"), arrays.get(f"layers.{i}.recurrent")]
-            c.offset = n
+            c.cache, c.offset = _gdn_state(arrays, f"layers.{i}", n, path), n
     for j, length in enumerate(lengths):
-        states = [[arrays.get(f"checkpoints.{j}.layers.{i}.{name}") for name in ("conv", "recurrent")]
-                  if isinstance(c, ArraysCache) else None for i, c in enumerate(cache.layers)]
+        if not 0 < length <= n:
+            raise CheckpointError(f"{path}: checkpoint {j} at {length} tokens is outside the {n} cached tokens")
+        states = [_gdn_state(arrays, f"checkpoints.{j}.layers.{i}", length, path) if isinstance(c, ArraysCache)
+                  else None for i, c in enumerate(cache.layers)]
         cache.checkpoints.append(Checkpoint(length, states))
     return (cache, info) if return_metadata else cache
+
+
+def _gdn_state(arrays: dict, prefix: str, n: int, path: Path) -> list:
+    """A GDN layer's [conv, recurrent] state from a file: both present once any token was seen."""
+    state = [arrays.get(f"{prefix}.conv"), arrays.get(f"{prefix}.recurrent")]
+    if n and any(a is None for a in state):
+        raise CheckpointError(f"{path}: {prefix}.conv / .recurrent missing")
+    return state if n else [None, None]

@@ -125,7 +125,7 @@ def test_interrupted_tool_confirmation_closes_the_turn():
 
 def test_terminal_session(demo_folder, demo, tmp_path):
     """Through a pseudo-terminal: Ctrl-C mid-reply returns to the prompt with the history kept; the next
-    turn's stats show cached tokens; Esc-Enter makes a new line; the input history is saved; Ctrl-D exits."""
+    turn's stats show cached tokens; Esc-Enter makes a new line and a paste stays one message; the input history is saved; Ctrl-D exits."""
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, FLASH_MOE_HOME=str(tmp_path), PYTHONPATH=str(REPO), PROMPT_TOOLKIT_NO_CPR="1",
                TERM="xterm", TQDM_DISABLE="1")
@@ -142,7 +142,8 @@ def test_terminal_session(demo_folder, demo, tmp_path):
         child.expect(r"\[interrupted\]")
         first = child.before
         child.expect(">>>")
-        child.send("line one\x1b\rline two\r")  # Esc Enter: a new line inside the message
+        # Esc Enter: a new line inside the message; a pasted block (bracketed paste) stays in it too
+        child.send("line one\x1b\rline two\x1b[200~\npasted a\npasted b\x1b[201~\r")
         child.expect(STATS)
         prompt, cached = int(child.match.group(1)), int(child.match.group(2))
         child.expect(">>>")
@@ -155,4 +156,4 @@ def test_terminal_session(demo_folder, demo, tmp_path):
     assert cached == history > 0, (prompt, cached, first)
     assert prompt > history + 10, "the second prompt holds the first turn and the partial reply"
     saved = (tmp_path / "chat_history").read_text()
-    assert f"+{question}\n" in saved and "+line one\n+line two\n" in saved, saved
+    assert f"+{question}\n" in saved and "+line one\n+line two\n+pasted a\n+pasted b\n" in saved, saved

@@ -193,6 +193,14 @@ def test_load_into_another_model_refused(folders, tmp_path, seed):
     other = hf_models.qwen3_5_moe_text(tmp_path / "other", dict(CONFIG, num_hidden_layers=8), seed=seed)[0]
     with pytest.raises(CheckpointError, match="num_hidden_layers 4 vs 8"):
         load_prompt_cache(path, load(other))
+    half = load(folders["resident"], dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="dtype 'float32' vs 'bfloat16'"):
+        load_prompt_cache(path, half)
+    arrays, info = mx.load(str(path), return_metadata=True)
+    del arrays["layers.0.recurrent"]
+    mx.save_safetensors(str(tmp_path / "damaged.safetensors"), arrays, info)
+    with pytest.raises(CheckpointError, match="layers.0.conv / .recurrent missing"):
+        load_prompt_cache(tmp_path / "damaged.safetensors", resident)
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_prompt_cache(tmp_path / "junk.safetensors", resident)
