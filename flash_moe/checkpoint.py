@@ -41,7 +41,12 @@ def safetensors_files(folder: str | Path) -> list[Path]:
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: no \"weight_map\" of tensor name -> file name")
-        files = [inside(folder, n) for n in sorted(set(weight_map.values()))]
+        files = []
+        for name in sorted(set(weight_map.values())):
+            try:
+                files.append(inside(folder, name))
+            except CheckpointError:  # say which file named it
+                raise CheckpointError(f"{index}: names {name!r}, outside the model folder") from None
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{f}: listed in {index.name} but missing")

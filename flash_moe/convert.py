@@ -23,13 +23,15 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from .checkpoint import CheckpointError, read_config, safetensors_files
+from .checkpoint import (CheckpointError, build_model, load_weights, read_config, read_tensors,
+                         safetensors_files)
 from .files import (JSON_LIMIT, atomic_write_json, copy_file, create_new, locked, open_regular, read_bytes,
                     read_json, remove_entry)
 from .layout import ExpertLayout, ModelLayout, expert_checksum as checksum
-from .model import ModelArgs, _rename, sanitize
+from .model import ModelArgs, WeightError, _rename, sanitize
 from .safetensors_io import SafetensorsIndex
 
 TOKENIZER_FILES = (
@@ -209,15 +211,24 @@ def _resident_quant(name: str, w: mx.array, bits: int, group_size: int) -> int |
     return bits
 
 
-def _write_resident(index: SafetensorsIndex, files: list[Path], expert_keys: set, args: ModelArgs, dst: Path,
-                    hf_norms: bool, dtype: str, bits: int | None, group_size: int, src_quant: dict | None) -> dict | None:
+def _resident_source(src_path: Path, files: list[Path], expert_keys: set, args: ModelArgs, hf_norms: bool,
+                     quant: dict | None) -> dict[str, mx.array]:
+    """The non-expert weights under the model's names, lazy (nothing read yet), each checked against the
+    shape the model gives it: a missing or misshaped tensor is found before anything is written."""
+    tensors, where = read_tensors(files)  # lazy: each tensor is read when evaluated
+    raw = {k: v for k, v in tensors.items() if k not in expert_keys and _rename(k) is not None}
+    try:
+        weights, origin = sanitize(raw, args, hf_norms=hf_norms)
+    except WeightError as e:
+        raise CheckpointError(f"{src_path / where.get(e.key, '')}: {e}") from None
+    model = build_model(args, quant, set(weights), lambda layer: nn.Module())  # no routed experts here
+    load_weights(model, weights, origin, where, src_path)  # raises naming the source tensor and file
+    return weights
+
+
+def _write_resident(weights: dict[str, mx.array], dst: Path, dtype: str, bits: int | None, group_size: int,
+                    src_quant: dict | None) -> dict | None:
     """Non-expert weights -> resident.safetensors; returns the config "quantization" block (or None)."""
-    raw = {}
-    for f in files:
-        for k, v in mx.load(str(f)).items():  # lazy: each tensor is read when evaluated below
-            if k not in expert_keys and _rename(k) is not None:
-                raw[k] = v
-    weights, _ = sanitize(raw, args, hf_norms=hf_norms)
     target = getattr(mx, dtype)
     quant = {"group_size": group_size, "bits": bits, "mode": "affine"} if bits else None
     out = {}
@@ -307,6 +318,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
             s.check(args.hidden_size, args.moe_intermediate_size, layout)
         expert_keys = {k for s in sources.values() for k in s.keys()}
         hf_norms = not src_quant and not any(k.startswith("language_model.") for k in index.keys())
+        resident_weights = _resident_source(src_path, files, expert_keys, args, hf_norms, src_quant)
 
         settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
                     "num_experts": args.num_experts, "layers": moe_layers}
@@ -317,15 +329,15 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
         with locked(dst):
             if overwrite:
                 _clear(dst)
+            state = _resume(dst, settings, source, layout)  # first: from here on DST says "unfinished"
             _experts_folder(dst)
-            state = _resume(dst, settings, source, layout)
 
             # Resident weights first: every non-expert tensor is read (and a broken one found) before hours
             # of expert packing; a resumed run keeps the finished file.
             resident = dst / RESIDENT
             if state["resident"] is None or _file_size(resident) != state["resident"]:
-                quant = _write_resident(index, files, expert_keys, args, dst, hf_norms, dtype, resident_bits,
-                                        group_size, src_quant if any(s.kind == "mlx" for s in sources.values()) else None)
+                quant = _write_resident(resident_weights, dst, dtype, resident_bits, group_size,
+                                        src_quant if any(s.kind == "mlx" for s in sources.values()) else None)
                 state.update(resident=os.stat(resident).st_size, quantization=quant)
                 atomic_write_json(dst / PROGRESS, state)
 
@@ -452,6 +464,7 @@ def _check_tensors(index: SafetensorsIndex, data_starts: dict[Path, int]) -> Non
 # ---------------------------------------------------------------- the destination
 
 
+START_OVER = "pass --overwrite (overwrite=True) to start over, or choose another destination"
 OWN_FILES = (RESIDENT, "resident.partial.safetensors", "layout.json", PROGRESS, "config.json", *TOKENIZER_FILES)
 LAYER_FILE = re.compile(r"layer_\d+\.bin(\.partial)?")
 
@@ -496,14 +509,13 @@ def _describe(source: dict) -> str:
 
 def _same_source(dst: Path, old: dict | None, source: dict, holds: str) -> None:
     """Refuse to continue or redo a conversion from anything but the source it started from."""
-    hint = "pass --overwrite (overwrite=True) to start over, or choose another destination"  # one wording
     if not isinstance(old, dict) or "path" not in old or "fingerprint" not in old:
-        raise CheckpointError(f"{dst}: holds {holds} whose source is not recorded (an older flash_moe made it); {hint}")
+        raise CheckpointError(f"{dst}: holds {holds} whose source is not recorded (an older flash_moe made it); {START_OVER}")
     if old["path"] != source["path"]:
-        raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)}, not of {_describe(source)}; {hint}")
+        raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)}, not of {_describe(source)}; {START_OVER}")
     if old["fingerprint"] != source["fingerprint"]:
         raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)} as it was ({old['fingerprint'][:19]}); its "
-                              f"config or tensor headers have changed since ({source['fingerprint'][:19]}); {hint}")
+                              f"config or tensor headers have changed since ({source['fingerprint'][:19]}); {START_OVER}")
 
 
 def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> dict:
@@ -511,26 +523,27 @@ def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> di
     (written at once: from here on the folder says a conversion is under way)."""
     progress, final = dst / PROGRESS, dst / "layout.json"
     state = {"source": source, "settings": settings, "layers": {}, "resident": None, "quantization": None}
-    if os.path.lexists(progress):
+    # Only regular files count: convert never makes links or FIFOs, so one there is not its record (and
+    # is replaced, never followed)
+    if _file_size(progress) is not None:
         data = read_json(progress)
         data = data if isinstance(data, dict) else {}
         _same_source(dst, data.get("source"), source, "an unfinished conversion")
         if data.get("settings") != settings:
             raise CheckpointError(
-                f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); "
-                "pass --overwrite (overwrite=True) to start over, or choose another destination"
+                f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); {START_OVER}"
             )
-        state.update(layers=data.get("layers") or {}, resident=data.get("resident"),
+        layers = data.get("layers")
+        state.update(layers=layers if isinstance(layers, dict) else {}, resident=data.get("resident"),
                      quantization=data.get("quantization"))
-    elif os.path.lexists(final):
+    elif _file_size(final) is not None:
         data = read_json(final)
         record = data.get("conversion") if isinstance(data, dict) else None
-        _same_source(dst, (record or {}).get("source"), source, "a model converted")
+        _same_source(dst, (record or {}).get("source"), source, "a finished conversion")
         old = ModelLayout.from_json(data, str(final))
         if old.expert != layout or record.get("settings") != settings:
             raise CheckpointError(f"{dst}: already holds a model converted with other settings "
-                                  f"({record.get('settings')}); pass --overwrite (overwrite=True) to start over, or "
-                                  "choose another destination")
+                                  f"({record.get('settings')}); {START_OVER}")
         state["layers"] = {str(k): v for k, v in old.checksums.items()}
         try:  # the finished resident file stays, with the quantization block its config.json records
             config = read_json(dst / "config.json")
