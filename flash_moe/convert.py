@@ -16,6 +16,7 @@ in seconds, not after hours of packing.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import stat
@@ -217,6 +218,10 @@ def _resident_source(src_path: Path, files: list[Path], expert_keys: set, args: 
     shape the model gives it: a missing or misshaped tensor is found before anything is written."""
     tensors, where = read_tensors(files)  # lazy: each tensor is read when evaluated
     raw = {k: v for k, v in tensors.items() if k not in expert_keys and _rename(k) is not None}
+    for key, w in raw.items():  # every weight is floating point, or a quantized (uint32) matrix
+        packed = w.dtype == mx.uint32 and key.endswith(".weight") and key[: -len("weight")] + "scales" in raw
+        if not (mx.issubdtype(w.dtype, mx.floating) or packed):
+            raise CheckpointError(f"{src_path / where[key]}: tensor {key!r} is {str(w.dtype).split('.')[-1]}, not a floating-point weight")
     try:
         weights, origin = sanitize(raw, args, hf_norms=hf_norms)
     except WeightError as e:
@@ -445,20 +450,28 @@ def _header_bytes(path: Path) -> tuple[bytes, int]:
 
 
 def _check_tensors(index: SafetensorsIndex, data_starts: dict[Path, int]) -> None:
-    """Every source tensor's bytes lie in its file's data section and are as many as its dtype and shape
-    say, so no read can run off a file or ask for a buffer of the wrong (or a huge) size."""
+    """Every source tensor's bytes lie in its file's data section, are as many as its dtype and shape say,
+    and belong to no other tensor: no read can run off a file, ask for a buffer of the wrong (or a huge)
+    size, or take a neighbour's bytes."""
     sizes = {f: os.stat(f).st_size for f in data_starts}
     for t in index.tensors.values():
-        count = int(np.prod(t.shape, dtype=np.int64)) if all(isinstance(d, int) and d >= 0 for d in t.shape) else -1
         where = f"{t.file}: tensor {t.key!r}"
-        if count < 0:
+        if not all(type(d) is int and d >= 0 for d in t.shape):
             raise CheckpointError(f"{where} has an invalid shape {list(t.shape)}")
-        if t.nbytes != count * t.itemsize:
-            raise CheckpointError(f"{where} is {t.dtype} {list(t.shape)} ({count * t.itemsize} bytes), but its "
+        expected = math.prod(t.shape) * t.itemsize
+        if t.nbytes != expected:
+            raise CheckpointError(f"{where} is {t.dtype} {list(t.shape)} ({expected} bytes), but its "
                                   f"data_offsets span {t.nbytes} bytes")
         if t.start < data_starts[t.file] or t.start + t.nbytes > sizes[t.file]:
             raise CheckpointError(f"{where}: data_offsets point outside the file's data (bytes {t.start}.."
                                   f"{t.start + t.nbytes} of {sizes[t.file]})")
+    previous: dict[Path, object] = {}
+    for t in sorted((t for t in index.tensors.values() if t.nbytes), key=lambda t: (str(t.file), t.start)):
+        p = previous.get(t.file)
+        if p is not None and t.start < p.start + p.nbytes:
+            raise CheckpointError(f"{t.file}: tensors {p.key!r} and {t.key!r} overlap (bytes {t.start}.."
+                                  f"{p.start + p.nbytes})")
+        previous[t.file] = t
 
 
 # ---------------------------------------------------------------- the destination
@@ -518,6 +531,12 @@ def _same_source(dst: Path, old: dict | None, source: dict, holds: str) -> None:
                               f"config or tensor headers have changed since ({source['fingerprint'][:19]}); {START_OVER}")
 
 
+def _differences(old, new: dict) -> str:
+    """``bits 4 there, 8 now; ...`` for the settings that differ."""
+    old = old if isinstance(old, dict) else {}
+    return "; ".join(f"{k} {old.get(k)} there, {v} now" for k, v in new.items() if old.get(k) != v)
+
+
 def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> dict:
     """What an earlier run from the same source with the same settings finished, as the new progress.json
     (written at once: from here on the folder says a conversion is under way)."""
@@ -530,9 +549,8 @@ def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> di
         data = data if isinstance(data, dict) else {}
         _same_source(dst, data.get("source"), source, "an unfinished conversion")
         if data.get("settings") != settings:
-            raise CheckpointError(
-                f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); {START_OVER}"
-            )
+            raise CheckpointError(f"{dst}: holds an unfinished conversion with other settings "
+                                  f"({_differences(data.get('settings'), settings)}); {START_OVER}")
         layers = data.get("layers")
         state.update(layers=layers if isinstance(layers, dict) else {}, resident=data.get("resident"),
                      quantization=data.get("quantization"))
@@ -543,7 +561,7 @@ def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> di
         old = ModelLayout.from_json(data, str(final))
         if old.expert != layout or record.get("settings") != settings:
             raise CheckpointError(f"{dst}: already holds a model converted with other settings "
-                                  f"({record.get('settings')}); {START_OVER}")
+                                  f"({_differences(record.get('settings'), settings)}); {START_OVER}")
         state["layers"] = {str(k): v for k, v in old.checksums.items()}
         try:  # the finished resident file stays, with the quantization block its config.json records
             config = read_json(dst / "config.json")

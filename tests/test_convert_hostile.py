@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hf_models
 from conftest import derive_seed
@@ -372,6 +373,8 @@ GATE_UP, DOWN = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.e
     (SHARED_DOWN, shape_edit(SHARED_DOWN, [48, D]), rf"has shape \(48, {D}\), expected \({D}, 48\)"),  # same bytes
     (GATE_UP, offsets_edit(GATE_UP, -(16 << 30), 0), r"data_offsets span"),  # would ask for a 16 GiB buffer
     (NORM, offsets_edit(NORM, -(1 << 20), -(1 << 20)), r"data_offsets point outside the file's data"),
+    (NORM, offsets_edit(NORM, 4, 4), r"overlap|outside the file's data"),  # shifted: a neighbour's bytes
+    (NORM, lambda h: h[NORM].update(dtype="I32"), r"is int32, not a floating-point weight"),  # same bytes
 ])
 def test_broken_source_tensor_named_before_any_layer(src, tmp_path, key, edit, message):
     source = copy_source(src["A"], tmp_path)
@@ -382,6 +385,46 @@ def test_broken_source_tensor_named_before_any_layer(src, tmp_path, key, edit, m
         convert(source, dst, progress=False)
     assert str(e.value).startswith(str(shard)) and repr(key) in str(e.value), e.value
     assert not list(dst.glob("experts/layer_*")), "the source must be checked before any expert layer is packed"
+
+
+MUTATIONS = st.sampled_from(["shape", "offsets", "dtype"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_header_mutation_refused_before_any_layer(src, tmp_path_factory, data):
+    """Property: change one thing in one source tensor's header entry (a dimension, an offset, the dtype) and
+    convert refuses, naming the file, before it packs a single expert layer. (Every mutation is refused:
+    the bytes of a well-formed shard are contiguous, so any other span overlaps, overruns or mismatches.)"""
+    source = copy_source(src["A"], tmp_path_factory.mktemp("mut"))
+    shard = data.draw(st.sampled_from(sorted(source.glob("model-*.safetensors"))), label="shard")
+    (n,) = struct.unpack("<Q", shard.read_bytes()[:8])
+    header = json.loads(shard.read_bytes()[8 : 8 + n])
+    key = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")), label="tensor")
+    meta = dict(header[key])
+    kind = data.draw(MUTATIONS, label="mutation")
+    if kind == "shape":
+        shape = list(meta["shape"])
+        if shape and data.draw(st.booleans(), label="change a dimension"):
+            i = data.draw(st.integers(0, len(shape) - 1), label="dimension")
+            shape[i] = data.draw(st.integers(-2, 2 * shape[i] + 2).filter(lambda d: d != shape[i]), label="size")
+        else:  # reshape keeping the element count: a dimension of 1 added or [n] <-> [n, 1]
+            shape = [1, *shape] if data.draw(st.booleans(), label="prepend") else [*shape, 1]
+        meta["shape"] = shape
+    elif kind == "offsets":
+        a, b = meta["data_offsets"]
+        shifts = st.sampled_from([-(16 << 30), -(1 << 20), -8, -4, -1, 1, 4, 8, 1 << 20, 16 << 30])
+        da, db = data.draw(st.tuples(shifts | st.just(0), shifts | st.just(0)).filter(lambda t: t != (0, 0)), label="shift")
+        meta["data_offsets"] = [a + da, b + db]
+    else:
+        meta["dtype"] = data.draw(st.sampled_from(["F16", "BF16", "I32", "U32", "F64", "I64", "U8"]), label="dtype")
+    edit_header(shard, lambda h: h.update({key: meta}))
+    dst = source.parent / "dst"
+    with pytest.raises(ValueError) as e:
+        convert(source, dst, progress=False)
+    assert str(e.value).startswith(str(shard)) or str(e.value).startswith("layer "), e.value
+    assert "\n" not in str(e.value)
+    assert not list(dst.glob("experts/layer_*")), "refused only after packing experts"
 
 
 def test_missing_expert_tensor_named(src, tmp_path):
