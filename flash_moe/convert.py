@@ -10,7 +10,7 @@ DST is convert's alone while it runs (a lock file holding our pid), never writte
 in it (files.py), and never mixes two models: progress.json and layout.json record the source and the
 settings, and another source is refused unless ``overwrite`` starts over. Every source tensor's header
 is checked, and resident.safetensors written, before the first expert layer: a broken checkpoint fails
-in seconds, not after hours of packing.
+before the long expert packing starts, not after it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ TOKENIZER_FILES = (
 PROGRESS = "progress.json"
 INDEX = "model.safetensors.index.json"
 BATCH = 8  # experts quantized per call: bounds RAM to a few experts' source tensors
-HEADER_LIMIT = 100 << 20  # a safetensors header of a 397B shard is ~100 KiB
+HEADER_LIMIT = 100 << 20  # the bound safetensors_io.read_header uses: headers are KiB, a few MiB at most
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 RESIDENT = "resident.safetensors"
 
@@ -221,7 +221,8 @@ def _resident_source(src_path: Path, files: list[Path], expert_keys: set, args: 
     for key, w in raw.items():  # every weight is floating point, or a quantized (uint32) matrix
         packed = w.dtype == mx.uint32 and key.endswith(".weight") and key[: -len("weight")] + "scales" in raw
         if not (mx.issubdtype(w.dtype, mx.floating) or packed):
-            raise CheckpointError(f"{src_path / where[key]}: tensor {key!r} is {str(w.dtype).split('.')[-1]}, not a floating-point weight")
+            kind = str(w.dtype).split(".")[-1]
+            raise CheckpointError(f"{src_path / where[key]}: tensor {key!r} is {kind}, not a floating-point weight")
     try:
         weights, origin = sanitize(raw, args, hf_norms=hf_norms)
     except WeightError as e:
@@ -516,14 +517,16 @@ def _file_size(path: Path) -> int | None:
 
 def _describe(source: dict) -> str:
     if source.get("hub_id"):
-        return f"{source['hub_id']}" + (f"@{source['revision']}" if source.get("revision") else "") + f" ({source['path']})"
+        revision = f"@{source['revision']}" if source.get("revision") else ""
+        return f"{source['hub_id']}{revision} ({source['path']})"
     return source["path"]
 
 
 def _same_source(dst: Path, old: dict | None, source: dict, holds: str) -> None:
     """Refuse to continue or redo a conversion from anything but the source it started from."""
     if not isinstance(old, dict) or "path" not in old or "fingerprint" not in old:
-        raise CheckpointError(f"{dst}: holds {holds} whose source is not recorded (an older flash_moe made it); {START_OVER}")
+        raise CheckpointError(f"{dst}: holds {holds} whose source is not recorded (an older flash_moe made it); "
+                              f"{START_OVER}")
     if old["path"] != source["path"]:
         raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)}, not of {_describe(source)}; {START_OVER}")
     if old["fingerprint"] != source["fingerprint"]:
