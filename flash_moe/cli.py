@@ -42,7 +42,7 @@ def cmd_convert(args) -> None:
     from .convert import convert
 
     dst = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                  resident_bits=args.resident_bits, revision=args.revision)
+                  resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
     print(f"converted {args.src} -> {dst}")
 
 
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident-bits", type=int, default=None, choices=(4, 8),
                    help="also quantize big non-expert matrices (router and shared gate stay >= 8 bits)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: remove what an earlier conversion left in DST (convert's own files only) "
+                        "instead of resuming it; needed to convert another source or other settings into DST")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="re-check every expert of a converted model against layout.json")
