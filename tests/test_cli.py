@@ -25,7 +25,7 @@ import pytest
 from conftest import seed_note
 
 import flash_moe
-import flash_moe.generate as gen
+import flash_moe.generation as gen
 from flash_moe import chat as chat_mod
 from flash_moe import load
 from flash_moe.cli import build_parser, main
