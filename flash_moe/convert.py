@@ -107,7 +107,7 @@ def _pack_float(layout: ExpertLayout, weights: dict[str, np.ndarray]) -> dict[st
 
 def _write_layer(source: ExpertSource, layout: ExpertLayout, num_experts: int, path: Path, desc: str, progress: bool) -> list[str]:
     """Pack one layer into ``path`` (written as path.partial, renamed when complete); returns checksums."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     partial = path.with_name(path.name + ".partial")
     specs = layout.tensors
@@ -234,7 +234,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_
     Returns:
         the DST path.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     src_path, dst = resolve_source(src, revision), Path(dst).expanduser()
     config = read_config(src_path)
