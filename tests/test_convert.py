@@ -11,6 +11,7 @@ from __future__ import annotations
 import filecmp
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +23,6 @@ import hf_models
 from conftest import derive_seed, seed_note
 
 import flash_moe
-from flash_moe import convert as convert_mod
 from flash_moe.checkpoint import CheckpointError
 from flash_moe.convert import convert
 from flash_moe.layout import ModelLayout
@@ -30,6 +30,8 @@ from flash_moe.load import read_packed_experts
 from flash_moe.model import ModelArgs, sanitize
 from flash_moe.safetensors_io import SafetensorsIndex
 from flash_moe.store import verify
+
+convert_mod = sys.modules["flash_moe.convert"]  # the module; flash_moe.convert is the function, as in mlx-lm
 
 REF_TOL = 1e-4
 SIZES = dict(hidden_size=128, moe_intermediate_size=64)  # multiples of 64: every group size divides them
