@@ -20,7 +20,7 @@ from flash_moe import load, load_prompt_cache, make_prompt_cache, save_prompt_ca
 from flash_moe.cache import ArraysCache
 from flash_moe.convert import convert
 from flash_moe.files import CheckpointError
-from flash_moe.generate import generate_step
+from flash_moe.generation import generate_step
 
 CONFIG = dict(hf_models.QWEN3_5_CONFIGS["interval4_e8_top2"], hidden_size=128, num_experts=16,
               num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64)
