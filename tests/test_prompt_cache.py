@@ -117,6 +117,35 @@ def test_prompt_equal_to_cached_ids(model, seed):
     check_turn(model, cache, list(cache.tokens), reused=len(ids) - 1, seed=seed, label="the cached ids")
 
 
+def test_random_conversation(model, seed):
+    """Ten prompts, each an extension, a cut-and-diverge at a random point, the same ids, or something new,
+    with random checkpoint marks and a bound of 3 checkpoints: every turn equals a fresh run, and reuses
+    exactly the longest checkpoint (or the whole cache) at or before where it diverges."""
+    rng = np.random.default_rng(seed)
+    cache = make_prompt_cache(model, max_checkpoints=3)
+    for turn in range(10):
+        held = cache.tokens
+        kind = rng.choice(["extend", "diverge", "same", "new"]) if held else "new"
+        if kind == "extend":
+            ids = held + tokens(rng, int(rng.integers(1, 9)))
+        elif kind == "diverge":
+            at = int(rng.integers(0, len(held)))
+            ids = held[:at] + [(held[at] + 1) % VOCAB] + tokens(rng, int(rng.integers(0, 6)))
+        elif kind == "same":
+            ids = list(held)
+        else:
+            ids = tokens(rng, int(rng.integers(2, 20)))
+        common = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        limit = min(common, len(ids) - 1)
+        want = limit if limit == len(held) else max((c.length for c in cache.checkpoints if c.length <= limit), default=0)
+        mark = int(rng.integers(1, len(ids)))
+        assert cache.reusable(ids) == want, (turn, kind, seed_note(seed))
+        got, first, _ = run(model, ids, cache, max_tokens=int(rng.integers(1, 4)), checkpoint_at=(mark,))
+        fresh = run(model, ids, max_tokens=1)[1]
+        assert rel_err(first, fresh) <= TOL, (turn, kind, seed_note(seed))
+        assert cache.tokens == ids + got[:-1] and len(cache.checkpoints) <= 3, (turn, kind)
+
+
 def test_interrupted_forward_is_noticed(model, seed):
     """A forward pass that did not finish (Ctrl-C, or a direct model call) leaves layers ahead of
     ``tokens``: the next prompt restarts from a checkpoint instead of using the torn state."""
