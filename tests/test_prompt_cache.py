@@ -281,5 +281,11 @@ def test_cache_prompt_command(demo, demo_folder, tmp_path, capsys, seed):
     run = capsys.readouterr()
     assert run.out == demo.generate(doc + "why?", chat=True, max_tokens=6) + "\n"
     assert f"tokens ({n} cached)" in run.err, run.err
-    with pytest.raises(SystemExit, match="--raw: .* was cached with the chat template"):
-        main(["generate", "--model", str(demo_folder), "--prompt-cache", str(out), "--prompt", "x", "--raw"])
+    generate = ["generate", "--model", str(demo_folder), "--prompt", "x"]
+    for flags, error in ((["--prompt-cache", str(out), "--raw"], "--raw: .* was cached with the chat template"),
+                         (["--prompt-cache", str(tmp_path / "nope")], "--prompt-cache: .*nope: no such file"),
+                         (["--prompt-cache", str(out), "--k", "2"], "--prompt-cache: .*another model")):
+        with pytest.raises(SystemExit, match=error):
+            main(generate + flags)
+    with pytest.raises(SystemExit, match="--out: cannot write"):
+        main(["cache-prompt", "--model", str(demo_folder), "--prompt", "x", "--out", str(tmp_path / "no" / "f")])
