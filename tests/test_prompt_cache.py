@@ -36,10 +36,19 @@ def folders(tmp_path_factory):
     return {"resident": hf, "streamed": conv}
 
 
-@pytest.fixture(scope="module", params=["resident", "streamed"])
+@pytest.fixture(scope="module", params=["resident", "streamed", "speculating"])
 def model(request, folders):
-    m = load(folders[request.param])
+    """``speculating``: streamed through a device expert cache of 56 of the 64 experts, every
+    one-token step a bet (``LoadedModel._speculative_step``): lost bets restore the layer caches."""
+    if request.param == "speculating":
+        m = load(folders["streamed"], cache_experts=56)
+        m.cache.should_speculate = lambda: True
+    else:
+        m = load(folders[request.param])
     yield m
+    if request.param == "speculating":
+        totals = m.cache.totals()
+        assert totals["speculated"] > totals["voided"] > 0, totals  # bets both held and lost
     m.close()
 
 
