@@ -150,7 +150,12 @@ def _use_prompt_cache(args, model, prompt: str, chat):
     """``generate --prompt-cache FILE``: the prompt continues the text cached there, templated as it was."""
     from .prompt_cache import load_prompt_cache
 
-    cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    try:
+        cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-cache: {args.prompt_cache}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"--prompt-cache: {e}") from None
     cached_chat = info.get("chat") == "1"
     if "prompt" not in info:
         raise ValueError(f"--prompt-cache: {args.prompt_cache} has no prompt text (not made by flash-moe cache-prompt)")
@@ -175,7 +180,10 @@ def cmd_cache_prompt(args) -> None:
     cache = model.make_prompt_cache()
     for _ in generate_step(mx.array(ids, mx.int32), model, max_tokens=1, prompt_cache=cache):
         pass  # processes every prompt token (the one sampled token is not kept)
-    save_prompt_cache(args.out, cache, model, metadata={"prompt": text, "chat": str(int(chat))})
+    try:
+        save_prompt_cache(args.out, cache, model, metadata={"prompt": text, "chat": str(int(chat))})
+    except OSError as e:
+        raise ValueError(f"--out: cannot write {args.out} ({e.strerror or e})") from None
     print(f"{args.out}: {len(cache.tokens)} prompt tokens cached ({cache.nbytes / 2**20:.1f} MiB)")
 
 

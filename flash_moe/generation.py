@@ -27,13 +27,14 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
 
     prompt_cache: a ``PromptCache`` (``make_prompt_cache``) kept between calls: the leading tokens of
         ``prompt`` it already holds are not processed again, and afterwards it holds the prompt and the
-        generated tokens but the last. Without one, a fresh cache lives for this call only.
+        generated tokens but the last. Without one, a fresh cache (no checkpoints) lives for this call only.
     checkpoint_at: prompt positions (besides the end of the prompt) where the cache snapshots its state,
         so a later prompt that diverges there restarts from it (``stream_generate`` passes the end of the
         chat history before the generation prompt).
     """
     sampler = sampler or make_sampler()
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    # Without a cache to keep, no checkpoints: they would hold a copy of the GDN state for nothing.
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_checkpoints=0)
     ids = prompt.tolist()
     tokens = prompt
     pos = cache.prepare(ids)
