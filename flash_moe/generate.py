@@ -6,6 +6,7 @@ The engine sees token ids only; the tokenizer and chat template enter in ``strea
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .files import CheckpointError
+from .model import check_token_ids
 from .sample import make_logits_processors, make_sampler, step_keys
 from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
 
@@ -20,6 +23,9 @@ from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
 def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=None, logits_processors=(),
                   seed: int = 0, prefill_step_size: int = 512, timer=None) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) for up to ``max_tokens`` new tokens after ``prompt`` (1-D token ids)."""
+    keys = step_keys(seed)  # checks the seed before any work
+    check_token_ids(prompt, model.config.vocab_size)  # once: sampled ids are in range by construction
+    forward = getattr(model, "forward", model)  # the model call without its per-call id check
     sampler = sampler or make_sampler()
     cache = model.make_cache()
     tokens = prompt
@@ -28,22 +34,27 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
     # Prefill in chunks: each chunk reads its experts once per layer, not once per token.
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:n][None], cache)
+        forward(prompt[:n][None], cache)
         mx.eval([c.state for c in cache])
         prompt = prompt[n:]
     if timer:
         timer.start_decode()
-    keys, y = step_keys(seed), prompt
-    for _ in range(max_tokens):
+    y = prompt
+    for step in range(max_tokens):
         # float32: top-p's cumulative sum and the log-normaliser run over the whole vocabulary (bf16 loses both)
-        logits = model(y[None], cache)[0, -1].astype(mx.float32)
+        logits = forward(y[None], cache)[0, -1].astype(mx.float32)
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
             logits = process(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        norm = mx.logsumexp(logits, keepdims=True)
+        logprobs = logits - norm
         y = sampler(logprobs, next(keys)).reshape(1).astype(mx.int32)
-        mx.eval(y, logprobs)
+        mx.eval(y, logprobs, norm)
+        if not math.isfinite(norm.item()):  # a NaN or +inf logit makes the normaliser non-finite; already synced
+            raise CheckpointError(
+                f"token {step + 1}: the model's logits are not finite ({norm.item()}): damaged weights? Run "
+                f"`flash-moe verify {getattr(model, 'path', 'MODEL')}`, or load with verify='full'")
         if timer:
             timer.mark_token()
         tokens = mx.concatenate([tokens, y])
@@ -157,15 +168,17 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
                     seed: int = 0, tools=None, enable_thinking=None, chat=None, prefill_step_size: int = 512,
                     timer=None) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt`` (text, token ids, or chat messages). See ``LoadedModel.generate``."""
-    tok = model.tokenizer
+    tok, note = model.tokenizer, ""
     if isinstance(prompt, mx.array):
         ids = prompt.reshape(-1).tolist()
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         ids = list(prompt)
     else:
         ids = prompt_tokens(tok, prompt, tools=tools, enable_thinking=enable_thinking, chat=chat)
+        note = "; it came from the tokenizer, whose added tokens reach past the model's vocabulary"
     if not ids:
         raise ValueError("the prompt is empty")
+    check_token_ids(ids, model.config.vocab_size, note=note)
     stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     eos = eos_token_ids(model, tok)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
