@@ -103,14 +103,14 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     out = {}
     for key, meta in header.items():
         if key == "__metadata__":
-            if not isinstance(meta, dict):
+            if not isinstance(meta, (dict, type(None))):  # mx.save_safetensors writes null when given none
                 raise CheckpointError(f"{path}: safetensors __metadata__ is not an object")
             continue
         out[key] = _tensor(path, key, meta, base, data)
     # Sorted by start, each tensor must begin where the previous ended: overlaps (two tensors reading the same
     # bytes) and gaps (bytes no tensor owns, a shifted offset) are both refused, as the safetensors format says.
     pos, prev = 0, None
-    for t in sorted(out.values(), key=lambda t: (t.start, t.nbytes)):
+    for t in sorted(out.values(), key=lambda t: (t.start, t.nbytes, t.key)):
         begin = t.start - base
         if begin < pos:
             raise CheckpointError(f"{path}: tensors {prev.key!r} (bytes {prev.start - base}..{pos}) and {t.key!r} "
