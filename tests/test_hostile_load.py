@@ -274,7 +274,10 @@ def test_source_header_offsets(tmp_path):
                                               r"'(x|y)\.weight' \(bytes 0\.\.64\) overlap") as err:
         read_header(path)
     assert "'x.weight'" in str(err.value) and "'y.weight'" in str(err.value)
-    rewrite_header(path, lambda h: h[b].update(data_offsets=[-64, 0]))
+    rewrite_header(path, lambda h: h[b].pop("dtype"))  # was KeyError: 'dtype'
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{b}': no dtype"):
+        read_header(path)
+    rewrite_header(path, lambda h: h[b].update(dtype="F32", data_offsets=[-64, 0]))  # was [Errno 22] on read
     with pytest.raises(CheckpointError, match=rf"tensor '{b}': data_offsets \[-64, 0\] are not 0 <= begin"):
         read_header(path)
     rewrite_header(path, lambda h: h[b].update(shape=[4, 5], data_offsets=[64, 128]))
