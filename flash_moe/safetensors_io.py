@@ -72,9 +72,9 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
 
     Checked (the header only, no tensor data is read): the file is a regular file; the header length fits
     the file; the header is a JSON object without duplicate keys; each tensor has a known dtype, a shape of
-    non-negative ints and integer ``data_offsets`` [begin, end] with 0 <= begin <= end and end - begin =
-    prod(shape) * itemsize; sorted by offset, the tensors cover the data section exactly (no overlap, no gap,
-    nothing past the end of the file).
+    non-negative ints and integer ``data_offsets`` [begin, end] with end - begin = prod(shape) * itemsize and
+    0 <= begin <= end <= data size; sorted by offset, the tensors cover the data section exactly (no overlap,
+    no gap, nothing past the end).
     """
     path = Path(path)
     fd = open_regular(path)
@@ -108,13 +108,16 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             continue
         out[key] = _tensor(path, key, meta, base, data)
     # Sorted by start, each tensor must begin where the previous ended: overlaps (two tensors reading the same
-    # bytes) and gaps (bytes no tensor owns, a shifted offset) are both refused, as the safetensors format says.
+    # bytes) and gaps (bytes no tensor owns: a shifted offset) are both refused, as the safetensors format says.
+    # Overlaps are looked for first: a shifted tensor leaves a gap on one side and an overlap on the other.
+    ordered = sorted(out.values(), key=lambda t: (t.start, t.nbytes, t.key))
+    for p, t in zip(ordered, ordered[1:]):
+        if t.start < p.start + p.nbytes:
+            raise CheckpointError(f"{path}: tensors {p.key!r} and {t.key!r} overlap (bytes {t.start - base}.."
+                                  f"{p.start + p.nbytes - base} of the data belong to both)")
     pos, prev = 0, None
-    for t in sorted(out.values(), key=lambda t: (t.start, t.nbytes, t.key)):
+    for t in ordered:
         begin = t.start - base
-        if begin < pos:
-            raise CheckpointError(f"{path}: tensors {prev.key!r} (bytes {prev.start - base}..{pos}) and {t.key!r} "
-                                  f"(bytes {begin}..{begin + t.nbytes}) overlap")
         if begin > pos:
             after = f"after tensor {prev.key!r}" if prev else "at the start of the data"
             raise CheckpointError(f"{path}: {begin - pos} bytes {after} belong to no tensor (tensor {t.key!r} "
@@ -141,13 +144,13 @@ def _tensor(path: Path, key: str, meta, base: int, data: int) -> TensorInfo:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
-    if not 0 <= begin <= end:
-        raise CheckpointError(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
-    if end > data:
-        raise CheckpointError(f"{where}: ends at byte {base + end}, past the end of the file ({base + data})")
     want = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != want:
-        raise CheckpointError(f"{where}: {end - begin} bytes for shape {tuple(shape)} {dtype}, which needs {want}")
+        raise CheckpointError(f"{where} is {dtype} {shape} ({want} bytes), but its data_offsets span {end - begin} "
+                              "bytes")
+    if not 0 <= begin <= end <= data:  # a negative or huge offset never becomes a read or a buffer
+        raise CheckpointError(f"{where}: data_offsets point outside the file's data (bytes {begin}..{end} of "
+                              f"{data})")
     return TensorInfo(key, path, dtype, tuple(shape), base + begin, end - begin)
 
 

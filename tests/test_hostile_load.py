@@ -249,7 +249,7 @@ def test_overlapping_resident_tensors(folder):
         h[b]["data_offsets"] = [o - shift for o in h[b]["data_offsets"]]
     rewrite_header(path, overlap)
     a, b = first_two(json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]]))
-    with pytest.raises(CheckpointError, match=rf"resident\.safetensors: tensors '{a}' .* and '{b}' .* overlap"):
+    with pytest.raises(CheckpointError, match=rf"resident\.safetensors: tensors '{a}' and '{b}' overlap"):
         flash_moe.load(folder)
 
 
@@ -257,8 +257,7 @@ def test_shifted_resident_tensor(folder):
     path = folder / "resident.safetensors"
     rewrite_header(path, lambda h: h[first_two(h)[0]].update(
         data_offsets=[o + 4 for o in h[first_two(h)[0]]["data_offsets"]]))
-    with pytest.raises(CheckpointError, match=r"resident\.safetensors: (tensors '.*' .* and '.*' .* overlap|"
-                                              r"4 bytes at the start of the data belong to no tensor)"):
+    with pytest.raises(CheckpointError, match=r"resident\.safetensors: tensors '.*' and '.*' overlap"):
         flash_moe.load(folder)
 
 
@@ -270,18 +269,20 @@ def test_source_header_offsets(tmp_path):
     header = read_header(path)
     a, b = sorted(header, key=lambda k: header[k].start)
     rewrite_header(path, lambda h: h[b].update(data_offsets=h[a]["data_offsets"]))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensors '(x|y)\.weight' \(bytes 0\.\.64\) and "
-                                              r"'(x|y)\.weight' \(bytes 0\.\.64\) overlap") as err:
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensors '(x|y)\.weight' and '(x|y)\.weight' "
+                                              r"overlap \(bytes 0\.\.64 of the data belong to both\)") as err:
         read_header(path)
     assert "'x.weight'" in str(err.value) and "'y.weight'" in str(err.value)
     rewrite_header(path, lambda h: h[b].pop("dtype"))  # was KeyError: 'dtype'
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{b}': no dtype"):
         read_header(path)
     rewrite_header(path, lambda h: h[b].update(dtype="F32", data_offsets=[-64, 0]))  # was [Errno 22] on read
-    with pytest.raises(CheckpointError, match=rf"tensor '{b}': data_offsets \[-64, 0\] are not 0 <= begin"):
+    with pytest.raises(CheckpointError, match=rf"tensor '{b}': data_offsets point outside the file's data "
+                                              r"\(bytes -64\.\.0 of 128\)"):
         read_header(path)
     rewrite_header(path, lambda h: h[b].update(shape=[4, 5], data_offsets=[64, 128]))
-    with pytest.raises(CheckpointError, match=rf"tensor '{b}': 64 bytes for shape \(4, 5\) F32, which needs 80"):
+    with pytest.raises(CheckpointError, match=rf"tensor '{b}' is F32 \[4, 5\] \(80 bytes\), but its data_offsets "
+                                              r"span 64 bytes"):
         read_header(path)
 
 
