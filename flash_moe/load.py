@@ -18,7 +18,6 @@ from .files import open_regular
 from .layout import ModelLayout, expert_checksum
 from .model import Model, ModelArgs, check_token_ids
 
-VERIFY_MODES = ("off", "sample", "full")
 # Files AutoTokenizer may open: each must be a regular file (a FIFO would hang it, /dev/zero exhaust memory).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -209,8 +208,8 @@ def check_layout(layout: ModelLayout, args: ModelArgs, config: dict, weights: di
 
 
 def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str = "off") -> dict:
-    """All experts of one layer file as stacked arrays (for ``stream=False``: small models, tests). With
-    ``verify`` "full" every expert's checksum is checked, with "sample" the first one's."""
+    """All experts of one layer file as stacked arrays (for ``stream=False``: small models, tests), their
+    checksums checked as the store's ``verify`` would check them on first read."""
     e, file = layout.expert, path / layout.layer_file(layer)
     fd = open_regular(file)
     try:
@@ -223,7 +222,10 @@ def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str
             raise CheckpointError(f"{file}: short read (file changed while it was read?)")
     finally:
         os.close(fd)
-    for expert in range({"off": 0, "sample": 1, "full": layout.num_experts}[verify]):
+    from .store import experts_to_check
+
+    check = experts_to_check(layout, verify)
+    for expert in np.flatnonzero(check[layer]).tolist() if check is not None else []:
         if expert_checksum(raw[expert, : e.expert_bytes]) != layout.checksums[layer][expert]:
             raise CheckpointError(f"{file}: layer {layer} expert {expert}: checksum does not match layout.json "
                                   f"(damaged, or from another conversion); run `flash-moe verify {path}`")
@@ -343,10 +345,12 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         preload: fill the device cache before returning (every expert when they fit; with a progress bar).
             Without a device cache there is nothing to fill and this does nothing.
         verify: check experts against layout.json's checksums the first time each is read: "off" (default),
-            "sample" (1 in 16 of each layer's experts) or "full" (every expert; hashing costs about as much
-            CPU as a cold read, once per expert). A mismatch is a CheckpointError naming the layer and expert.
-            ``flash-moe verify`` checks a whole folder at once.
+            "sample" (1 in 16 of each layer's experts) or "full" (every expert). Hashing is slower than
+            reading (docs/format.md, "What is checked", has the numbers), hence "off". A mismatch is a
+            CheckpointError naming the layer and expert; ``flash-moe verify`` checks a whole folder at once.
     """
+    from .store import VERIFY_MODES
+
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if experts_per_token is not None:

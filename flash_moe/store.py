@@ -335,7 +335,8 @@ VERIFY_MODES = ("off", "sample", "full")
 SAMPLE_EVERY = 16  # verify="sample" checks experts e of a layer with (e + layer) % SAMPLE_EVERY == 0
 
 
-def _to_check(layout: ModelLayout, verify: str) -> np.ndarray | None:
+def experts_to_check(layout: ModelLayout, verify: str) -> np.ndarray | None:
+    """[layers, experts] mask of the experts ``verify`` hashes on first read (None for "off")."""
     if verify == "off" or not layout.moe_layers:
         return None
     out = np.zeros((max(layout.moe_layers) + 1, layout.num_experts), bool)
@@ -424,7 +425,7 @@ class ExpertStore:
         self._pool = _ReadPool(threads)
         self.stats = IOStats.zeros(max(self.layout.moe_layers, default=-1) + 1, self.layout.num_experts)
         self.verify_mode = verify
-        self._unchecked = _to_check(self.layout, verify)  # [layers, experts]: still to hash on first read
+        self._unchecked = experts_to_check(self.layout, verify)  # [layers, experts]: still to hash on first read
         self._gaps = []  # (zero bytes before the tensor, tensor name) in file order: what the checksum covers
         pos = 0
         for t in expert.tensors:
