@@ -105,7 +105,8 @@ def test_generation_checks_ids_once_not_per_token(demo, monkeypatch):
             return real(*a, **k)
         return check
 
-    monkeypatch.setattr(importlib.import_module("flash_moe.load"), "check_token_ids", counting("call"))  # LoadedModel.__call__'s check
+    load_module = importlib.import_module("flash_moe.load")  # LoadedModel.__call__'s check lives there
+    monkeypatch.setattr(load_module, "check_token_ids", counting("call"))
     monkeypatch.setattr(gen, "check_token_ids", counting("gen"))
     out = list(demo.stream_generate([5, 6, 7], max_tokens=8))
     assert len(out) == 8
