@@ -2,5 +2,13 @@
 
 from .load import LoadedModel, load
 
-__all__ = ["load", "LoadedModel"]
+
+def serve(model, **kwargs) -> None:
+    """Run the OpenAI/Anthropic-compatible server (``flash-moe serve``); see ``flash_moe.server.serve``."""
+    from .server import serve as run
+
+    run(model, **kwargs)
+
+
+__all__ = ["load", "LoadedModel", "serve"]
 __version__ = "0.1.0"

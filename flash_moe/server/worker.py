@@ -1,0 +1,249 @@
+"""The model worker: one thread owns MLX and runs every sequence; the HTTP side only queues jobs.
+
+A job goes in through ``Worker.submit`` (a bounded queue: full means 429) and its tokens come back through
+its ``Channel``, which hands plain Python values (never MLX arrays) to the asyncio loop of the HTTP side.
+Sequences join the running set at the next step, up to ``max_batch`` of them; each step advances every
+running sequence by one token, so a new request never waits for another to finish. A job whose client went
+away is marked cancelled and leaves at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .. import generate as gen
+
+
+class QueueFull(RuntimeError):
+    """Every running slot is taken and the waiting queue is full."""
+
+
+class Channel:
+    """Worker -> HTTP: items put from the worker thread come out of ``get`` on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue, self.cancelled = loop, asyncio.Queue(), False
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def get(self):
+        return await self.queue.get()
+
+    def cancel(self) -> None:
+        """Called from the HTTP side when the client is gone; the worker drops the job at its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    channel: Channel
+    max_tokens: int = 256
+    sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, repetition_penalty, seed
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+
+
+@dataclass
+class Step:
+    """One generated token, as the HTTP side sees it."""
+
+    text: str  # new text (stop strings already cut)
+    token: int
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    cached_tokens: int = 0
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    io: dict = field(default_factory=dict)  # expert reads of this step (bytes, experts, hits, misses)
+
+
+class Done:
+    """Sent after the last Step of a job (or instead of any, when the job failed: ``error``)."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+class Metrics:
+    """Counters the worker and the HTTP side update and /metrics renders (plain Python, under a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters: dict[str, float] = {}
+        self.gauges: dict[str, float] = {}
+        self.recent: deque = deque()  # (time, tokens) of the last WINDOW seconds, for tok/s
+
+    WINDOW = 10.0
+
+    def add(self, name: str, value: float = 1, **labels) -> None:
+        key = _key(name, labels)
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + value
+
+    def set(self, name: str, value: float) -> None:
+        with self.lock:
+            self.gauges[name] = value
+
+    def tokens(self, n: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - self.WINDOW:
+                self.recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            while self.recent and self.recent[0][0] < now - self.WINDOW:
+                self.recent.popleft()
+            if not self.recent:
+                return 0.0
+            span = max(now - self.recent[0][0], 1.0)
+            return sum(n for _, n in self.recent) / span
+
+    def get(self, name: str, **labels) -> float:
+        with self.lock:
+            return self.counters.get(_key(name, labels), self.gauges.get(name, 0))
+
+
+def _key(name: str, labels: dict) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+class Sequence:
+    """One running job: its token stream from ``stream_generate`` (the generation seam tests script)."""
+
+    def __init__(self, model, job: Job):
+        self.job = job
+        self.stream = gen.stream_generate(model, job.ids, max_tokens=job.max_tokens, stop=job.stop, **job.sampling)
+        self.cached_tokens = 0
+
+    def step(self) -> Step:
+        r = next(self.stream)
+        step = Step(text=r.text, token=r.token, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
+                    generation_tokens=r.generation_tokens, cached_tokens=getattr(r, "cached_tokens", 0), io=r.io)
+        if self.job.top_logprobs is not None:
+            step.logprob, step.top_logprobs = _logprobs(r.logprobs, r.token, self.job.top_logprobs)
+        return step
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _logprobs(logprobs, token: int, k: int):
+    import mlx.core as mx
+
+    chosen = logprobs[token].item()
+    if not k:
+        return chosen, []
+    top = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    values = logprobs[top].tolist()
+    return chosen, sorted(zip(top.tolist(), values), key=lambda p: -p[1])
+
+
+class Worker(threading.Thread):
+    """Runs up to ``max_batch`` sequences, one token each per step; ``max_queue`` more may wait."""
+
+    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, metrics: Metrics | None = None,
+                 prompt_cache_bytes: int = 0):
+        super().__init__(name="flash-moe-worker", daemon=True)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.pending: queue.Queue = queue.Queue(max(1, max_queue))
+        self.metrics = metrics or Metrics()
+        self.active: list[Sequence] = []
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._halt = threading.Event()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.pending.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.max_batch} sequences running and {self.pending.maxsize} waiting") from None
+        self.metrics.set("flash_moe_queue_depth", self.pending.qsize())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self._admit()
+            if not self.active:
+                continue
+            for seq in list(self.active):
+                self._advance(seq)
+        for seq in self.active:
+            seq.close()
+            seq.job.channel.put(Done(RuntimeError("the server is shutting down")))
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_batch:
+            try:
+                job = self.pending.get(timeout=0.05) if not self.active else self.pending.get_nowait()
+            except queue.Empty:
+                break
+            self.metrics.set("flash_moe_queue_depth", self.pending.qsize())
+            if job.channel.cancelled:
+                self.metrics.add("flash_moe_requests_cancelled_total")
+                continue
+            try:
+                self.active.append(Sequence(self.model, job))
+            except Exception as e:  # a bad job fails alone
+                job.channel.put(Done(e))
+            self.metrics.add("flash_moe_prompt_tokens_total", len(job.ids))
+        self.metrics.set("flash_moe_active_sequences", len(self.active))
+
+    def _advance(self, seq: Sequence) -> None:
+        job = seq.job
+        if job.channel.cancelled:
+            self._drop(seq)
+            self.metrics.add("flash_moe_requests_cancelled_total")
+            return
+        try:
+            step = seq.step()
+        except StopIteration:
+            self._drop(seq)
+            job.channel.put(Done())
+            return
+        except Exception as e:  # the model failed on this job: tell its client, keep serving the others
+            self._drop(seq)
+            job.channel.put(Done(e))
+            return
+        self._count(step)
+        job.channel.put(step)
+        if step.finish_reason:
+            self._drop(seq)
+            job.channel.put(Done())
+
+    def _drop(self, seq: Sequence) -> None:
+        seq.close()
+        self.active.remove(seq)
+        self.metrics.set("flash_moe_active_sequences", len(self.active))
+
+    def _count(self, step: Step) -> None:
+        m, io = self.metrics, step.io
+        m.add("flash_moe_generated_tokens_total")
+        m.tokens(1)
+        if step.generation_tokens == 1 and step.cached_tokens:
+            m.add("flash_moe_prompt_cache_hits_total")
+            m.add("flash_moe_prompt_cache_tokens_total", step.cached_tokens)
+        for name in ("bytes", "experts", "hits", "misses"):
+            if io.get(name):
+                m.add(f"flash_moe_expert_{name}_total" if name != "bytes" else "flash_moe_expert_bytes_read_total",
+                      io[name])
