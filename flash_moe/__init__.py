@@ -1,5 +1,6 @@
 """flash_moe: run Mixture-of-Experts LLMs larger than memory by streaming the active experts from SSD."""
 
+from .batch import batch_generate
 from .load import LoadedModel, load
 
 
@@ -10,5 +11,5 @@ def serve(model, **kwargs) -> None:
     run(model, **kwargs)
 
 
-__all__ = ["load", "LoadedModel", "serve"]
+__all__ = ["load", "LoadedModel", "batch_generate", "serve"]
 __version__ = "0.1.0"

@@ -102,6 +102,31 @@ class StreamingDetokenizer:
         return new
 
 
+class TextStream:
+    """Generated token ids -> text deltas: incremental detokenizing, the end at eos or ``max_tokens``, and
+    stop strings cut off (text that may be the start of one is held back until the next token decides)."""
+
+    def __init__(self, tokenizer, eos: set, stop: list[str], max_tokens: int):
+        self.detok, self.eos, self.stop, self.max_tokens = StreamingDetokenizer(tokenizer), eos, stop, max_tokens
+        self.pending, self.n = "", 0
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """(new text, finish reason: "stop" | "length" | None)."""
+        self.n += 1
+        finish = "stop" if token in self.eos else "length" if self.n >= self.max_tokens else None
+        self.pending += "" if token in self.eos else self.detok.add(token)
+        if finish:
+            self.pending += self.detok.flush()
+        # A stop string may arrive split over several tokens: text that could begin one is held back.
+        cut = min((i for s in self.stop if (i := self.pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            delta, self.pending = self.pending[:cut], ""
+            return delta, "stop"
+        keep = _partial_tag_len(self.pending, self.stop) if self.stop and not finish else 0
+        delta, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return delta, finish
+
+
 def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None) -> list[int]:
     """A string is encoded as is (or chat-templated if ``chat``); a list of messages goes through the template."""
     if isinstance(prompt, str) and not chat:
@@ -171,8 +196,8 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty)
     parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids))
-    detok, store = StreamingDetokenizer(tok), getattr(model, "store", None)
-    pending, n, tic = "", 0, time.perf_counter()  # pending: text that may be the start of a stop string
+    text, store = TextStream(tok, eos, stop, max_tokens), getattr(model, "store", None)
+    n, tic = 0, time.perf_counter()
     io_before = store.stats.snapshot() if store else None
     prompt_tps = 0.0
     mx.reset_peak_memory()
@@ -185,17 +210,7 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
         if store:
             now = store.stats.snapshot()
             io, io_before = now.delta(io_before).totals(), now
-        finish = "stop" if token in eos else "length" if n == max_tokens else None
-        pending += "" if token in eos else detok.add(token)
-        if finish:
-            pending += detok.flush()
-        # A stop string may arrive split over several tokens: text that could begin one is held back.
-        cut = min((i for s in stop if (i := pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            delta, pending, finish = pending[:cut], "", "stop"
-        else:
-            keep = _partial_tag_len(pending, stop) if stop and not finish else 0
-            delta, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        delta, finish = text.add(token)
         events = parser.feed(delta) + (parser.finish() if finish else [])
         yield GenerationResponse(
             text=delta, token=token, logprobs=logprobs, prompt_tokens=len(ids), prompt_tps=prompt_tps,

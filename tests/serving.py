@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import socket
 import threading
 import time
@@ -39,42 +42,48 @@ class LiveServer:
 
 
 class Script:
-    """Stands in for ``flash_moe.generate.generate_step`` (the worker's generation seam): each run writes the
-    next scripted reply, token by token, ending it with <|im_end|>. ``endless`` replies repeat forever;
-    ``gate`` (a threading.Event) holds every run before its first token until set."""
+    """Stands in for the worker's engine (its generation seam): each added sequence writes the next scripted
+    reply, token by token, ending it with <|im_end|>; ``endless(text)`` replies repeat until max_tokens or a
+    cancellation. ``gate`` (a threading.Event) holds every step until set. Everything after the engine runs
+    as served: the worker's detokenizer and stop strings, the parser, the formats."""
 
     def __init__(self, tokenizer, replies, *, gate=None):
-        import math
-
-        self.tokenizer, self.gate, self.math = tokenizer, gate, math
+        self.tokenizer, self.gate = tokenizer, gate
         self.replies = list(replies)
-        self.prompts, self.closed, self.yielded = [], [], []
+        self.prompts, self.yielded, self.running = [], [], {}
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         assert self.tokenizer.decode(ids, skip_special_tokens=False) == text
         return ids
 
-    def __call__(self, prompt, model, *, max_tokens=256, **kwargs):
-        import itertools
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
 
+    def add(self, ids, **sampling):
+        self.prompts.append(list(ids))
+        reply = self.replies.pop(0)
+        tokens = itertools.cycle(self.encode(reply[0])) if isinstance(reply, tuple) else iter(self.encode(reply) + [self.end])
+        handle = object()
+        self.running[handle] = [tokens, 0]
+        return handle
+
+    def step(self):
         import mlx.core as mx
 
-        self.prompts.append(prompt.tolist())
-        reply = self.replies.pop(0)
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        ids = itertools.cycle(self.encode(reply[0])) if isinstance(reply, tuple) else iter(self.encode(reply) + [end])
-        vocab = model.config.vocab_size
-        count = 0
         if self.gate is not None:
             self.gate.wait(30)
-        try:
-            for token in itertools.islice(ids, max_tokens):
-                count += 1
-                yield token, mx.full((vocab,), -self.math.log(vocab))
-        finally:
-            self.yielded.append(count)
-            self.closed.append(True)
+        vocab = len(self.tokenizer)
+        out = []
+        for handle, state in self.running.items():
+            state[1] += 1
+            out.append((handle, next(state[0]), mx.full((vocab,), -math.log(vocab))))
+        return out
+
+    def remove(self, handle) -> None:
+        self.yielded.append(self.running.pop(handle)[1])
 
     def prompt_text(self, i: int = -1) -> str:
         return self.tokenizer.decode(self.prompts[i], skip_special_tokens=False)
@@ -83,3 +92,13 @@ class Script:
 def endless(text: str) -> tuple:
     """A scripted reply that repeats ``text`` until max_tokens or a cancellation."""
     return (text,)
+
+
+@contextlib.contextmanager
+def scripted(model, *replies, gate=None, **options):
+    """A live server whose engine is a Script of ``replies``: yields (server, script)."""
+    from flash_moe.server import make_state
+
+    script = Script(model.tokenizer, replies, gate=gate)
+    with LiveServer(make_state(model, engine=script, **options)) as server:
+        yield server, script

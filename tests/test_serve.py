@@ -18,11 +18,10 @@ import pytest
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
 
-import flash_moe.generate as gen
 from conftest import seed_note
 from flash_moe import load
 from flash_moe.server import check_binding, make_state, parse_bytes
-from serving import LiveServer, Script, endless
+from serving import LiveServer, endless, scripted
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city",
@@ -181,106 +180,101 @@ def test_stop_string_across_tokens(server, model, seed):
     assert streamed == want, note
 
 
-def test_anthropic_stop_sequence(server, model, monkeypatch):
-    script = Script(model.tokenizer, ["Sunny and mild. END more text"])
-    monkeypatch.setattr(gen, "generate_step", script)
-    m = anth(server).messages.create(model="demo", max_tokens=50, stop_sequences=["END"],
-                                     messages=[{"role": "user", "content": "weather?"}], thinking={"type": "disabled"})
-    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "END"
-    assert m.content[0].text == "Sunny and mild."
+def test_anthropic_stop_sequence(model):
+    with scripted(model, "Sunny and mild. END more text") as (server, script):
+        m = anth(server).messages.create(model="demo", max_tokens=50, stop_sequences=["END"],
+                                         messages=[{"role": "user", "content": "weather?"}], thinking={"type": "disabled"})
+        assert m.stop_reason == "stop_sequence" and m.stop_sequence == "END"
+        assert m.content[0].text == "Sunny and mild."
 
 
 # ---- tools -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_round_trip_openai(server, model, monkeypatch, stream):
-    script = Script(model.tokenizer, ["Let me look.\n" + CALL, "It is sunny in Paris."])
-    monkeypatch.setattr(gen, "generate_step", script)
-    client = oai(server)
-    messages = [{"role": "user", "content": "Weather in Paris?"}]
-    kwargs = dict(model="demo", tools=TOOLS, max_tokens=200, extra_body=NO_THINK)
-    if stream:
-        content, calls, finish, order = "", {}, None, []
-        for chunk in client.chat.completions.create(messages=messages, stream=True, **kwargs):
-            for c in chunk.choices:
-                content += c.delta.content or ""
-                finish = c.finish_reason or finish
-                for d in c.delta.tool_calls or []:
-                    if d.id:  # id and name come first, then argument deltas
-                        assert d.function.name == "get_weather" and d.function.arguments == ""
-                        calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
-                        order.append("head")
-                    else:
-                        calls[d.index]["arguments"] += d.function.arguments
-                        order.append("args")
-        assert order[0] == "head" and "args" in order
-        call = calls[0]
-    else:
+def test_tool_round_trip_openai(model, stream):
+    with scripted(model, "Let me look.\n" + CALL, "It is sunny in Paris.") as (server, script):
+        client = oai(server)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        kwargs = dict(model="demo", tools=TOOLS, max_tokens=200, extra_body=NO_THINK)
+        if stream:
+            content, calls, finish, order = "", {}, None, []
+            for chunk in client.chat.completions.create(messages=messages, stream=True, **kwargs):
+                for c in chunk.choices:
+                    content += c.delta.content or ""
+                    finish = c.finish_reason or finish
+                    for d in c.delta.tool_calls or []:
+                        if d.id:  # id and name come first, then argument deltas
+                            assert d.function.name == "get_weather" and d.function.arguments == ""
+                            calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+                            order.append("head")
+                        else:
+                            calls[d.index]["arguments"] += d.function.arguments
+                            order.append("args")
+            assert order[0] == "head" and "args" in order
+            call = calls[0]
+        else:
+            r = client.chat.completions.create(messages=messages, **kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            tc = r.choices[0].message.tool_calls[0]
+            call = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
+        assert finish == "tool_calls" and content == "Let me look."
+        assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
+        assert "get_weather" in script.prompt_text(0)  # the tools reached the chat template
+        messages += [{"role": "assistant", "content": content, "tool_calls": [
+                         {"id": call["id"], "type": "function",
+                          "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]
         r = client.chat.completions.create(messages=messages, **kwargs)
-        content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-        tc = r.choices[0].message.tool_calls[0]
-        call = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
-    assert finish == "tool_calls" and content == "Let me look."
-    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
-    assert "get_weather" in script.prompt_text(0)  # the tools reached the chat template
-    messages += [{"role": "assistant", "content": content, "tool_calls": [
-                     {"id": call["id"], "type": "function",
-                      "function": {"name": call["name"], "arguments": call["arguments"]}}]},
-                 {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]
-    r = client.chat.completions.create(messages=messages, **kwargs)
-    assert r.choices[0].message.content == "It is sunny in Paris." and r.choices[0].finish_reason == "stop"
-    second = script.prompt_text(1)
-    assert "sunny, 21 C" in second and "<function=get_weather>" in second and "Paris" in second
+        assert r.choices[0].message.content == "It is sunny in Paris." and r.choices[0].finish_reason == "stop"
+        second = script.prompt_text(1)
+        assert "sunny, 21 C" in second and "<function=get_weather>" in second and "Paris" in second
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_round_trip_anthropic(server, model, monkeypatch, stream):
-    script = Script(model.tokenizer, [CALL, "Sunny."])
-    monkeypatch.setattr(gen, "generate_step", script)
-    client = anth(server)
-    tools = [{"name": "get_weather", "description": "Weather forecast", "input_schema": TOOLS[0]["function"]["parameters"]}]
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}]
-    kwargs = dict(model="demo", max_tokens=200, tools=tools, system="Be brief.", thinking={"type": "disabled"})
-    if stream:
-        with client.messages.stream(messages=messages, **kwargs) as s:
-            kinds = [e.type for e in s]
-            m = s.get_final_message()
-        assert kinds[0] == "message_start" and "content_block_start" in kinds and kinds[-1] == "message_stop"
-    else:
+def test_tool_round_trip_anthropic(model, stream):
+    with scripted(model, CALL, "Sunny.") as (server, script):
+        client = anth(server)
+        tools = [{"name": "get_weather", "description": "Weather forecast", "input_schema": TOOLS[0]["function"]["parameters"]}]
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}]
+        kwargs = dict(model="demo", max_tokens=200, tools=tools, system="Be brief.", thinking={"type": "disabled"})
+        if stream:
+            with client.messages.stream(messages=messages, **kwargs) as s:
+                kinds = [e.type for e in s]
+                m = s.get_final_message()
+            assert kinds[0] == "message_start" and "content_block_start" in kinds and kinds[-1] == "message_stop"
+        else:
+            m = client.messages.create(messages=messages, **kwargs)
+        assert m.stop_reason == "tool_use"
+        use = [b for b in m.content if b.type == "tool_use"][0]
+        assert use.name == "get_weather" and use.input == {"city": "Paris"}
+        messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]}]
         m = client.messages.create(messages=messages, **kwargs)
-    assert m.stop_reason == "tool_use"
-    use = [b for b in m.content if b.type == "tool_use"][0]
-    assert use.name == "get_weather" and use.input == {"city": "Paris"}
-    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
-                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]}]
-    m = client.messages.create(messages=messages, **kwargs)
-    assert m.stop_reason == "end_turn" and m.content[0].text == "Sunny."
-    second = script.prompt_text(1)
-    assert "Be brief." in second and "sunny, 21 C" in second and "<function=get_weather>" in second
+        assert m.stop_reason == "end_turn" and m.content[0].text == "Sunny."
+        second = script.prompt_text(1)
+        assert "Be brief." in second and "sunny, 21 C" in second and "<function=get_weather>" in second
 
 
-def test_tool_choice_none_named_and_malformed(server, model, monkeypatch):
-    tok = model.tokenizer
-    script = Script(tok, [CALL, "<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
-                          "<tool_call>\n<function=nope>\n</function>\n</tool_call> done"])
-    monkeypatch.setattr(gen, "generate_step", script)
-    client = oai(server)
-    ask = [{"role": "user", "content": "Weather?"}]
-    r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, tool_choice="none", extra_body=NO_THINK)
-    assert "get_weather" not in script.prompt_text(0)  # no tools offered
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.content == CALL  # the call text stays content
-    r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, extra_body=NO_THINK,
-                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert script.prompt_text(1).endswith("<tool_call>\n<function=get_weather>\n")  # forced by its opening
-    call = r.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
-    r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, extra_body=NO_THINK)
-    text = r.choices[0].message.content
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
-    assert "<function=nope>" in text and "malformed tool call" in text and "unknown function 'nope'" in text
-    assert text.endswith("done")
+def test_tool_choice_none_named_and_malformed(model):
+    with scripted(model, CALL, "<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
+                  "<tool_call>\n<function=nope>\n</function>\n</tool_call> done") as (server, script):
+        client = oai(server)
+        ask = [{"role": "user", "content": "Weather?"}]
+        r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, tool_choice="none", extra_body=NO_THINK)
+        assert "get_weather" not in script.prompt_text(0)  # no tools offered
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content == CALL  # the call text stays content
+        r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, extra_body=NO_THINK,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert script.prompt_text(1).endswith("<tool_call>\n<function=get_weather>\n")  # forced by its opening
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+        r = client.chat.completions.create(model="demo", messages=ask, tools=TOOLS, extra_body=NO_THINK)
+        text = r.choices[0].message.content
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert "<function=nope>" in text and "malformed tool call" in text and "unknown function 'nope'" in text
+        assert text.endswith("done")
 
 
 # ---- errors, limits --------------------------------------------------------------------------------------
@@ -338,19 +332,16 @@ def test_api_key(model):
         parse_bytes("lots")
 
 
-def test_queue_full_429(model, monkeypatch):
+def test_queue_full_429(model):
     """One running, one waiting: the third gets 429 with Retry-After."""
     gate = threading.Event()
-    script = Script(model.tokenizer, ["one", "two", "three"], gate=gate)
-    monkeypatch.setattr(gen, "generate_step", script)
-    with LiveServer(make_state(model, max_batch=1, max_queue=1)) as s:
+    with scripted(model, "one", "two", "three", gate=gate, max_batch=1, max_queue=1) as (s, script):
         results = []
         body = {"prompt": "x", "max_tokens": 5}
         threads = [threading.Thread(target=lambda: results.append(raw(s, "POST", "/v1/completions", body)))
                    for _ in range(2)]
         for t in threads:
             t.start()
-            time.sleep(0.1)
         wait_for(lambda: len(script.prompts) == 1 and s.state.worker.pending.qsize() == 1)
         status, headers, err = raw(s, "POST", "/v1/completions", body)
         assert status == 429 and headers.get("retry-after") == "1" and err["error"]["type"] == "rate_limit_error"
@@ -361,18 +352,16 @@ def test_queue_full_429(model, monkeypatch):
         assert metric(s, 'flash_moe_requests_rejected_total{reason="queue_full"}') == 1
 
 
-def test_disconnect_frees_the_slot(model, monkeypatch):
+def test_disconnect_frees_the_slot(model):
     """A client that leaves mid-stream stops its sequence at the next step; the next request gets the slot."""
-    script = Script(model.tokenizer, [endless("spam "), "next"])
-    monkeypatch.setattr(gen, "generate_step", script)
-    with LiveServer(make_state(model, max_batch=1, max_queue=1)) as s:
+    with scripted(model, endless("spam "), "next", max_batch=1, max_queue=1) as (s, script):
         client = oai(s)
         stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "go"}],
                                                 max_tokens=100000, stream=True, extra_body=NO_THINK)
-        for i, _ in zip(range(4), stream):
+        for _ in zip(range(4), stream):
             pass
         stream.close()
-        wait_for(lambda: script.closed)  # the worker closed the scripted generation
+        wait_for(lambda: script.yielded)  # the worker took the sequence out of the engine
         assert script.yielded[0] < 1000
         wait_for(lambda: metric(s, "flash_moe_requests_cancelled_total") == 1)
         assert metric(s, "flash_moe_active_sequences") == 0

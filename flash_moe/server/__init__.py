@@ -45,14 +45,16 @@ def context_length(model) -> int:
 
 
 def make_state(model, *, max_batch: int = 8, max_queue: int | None = None, api_key: str | None = None,
-               prompt_cache_bytes: int | str = 8 << 30, model_id: str | None = None, default_max_tokens: int = 4096):
-    """The server's state around a loaded model (the worker is started by the app's lifespan)."""
+               prompt_cache_bytes: int | str = 8 << 30, model_id: str | None = None, default_max_tokens: int = 4096,
+               engine=None):
+    """The server's state around a loaded model (the worker is started by the app's lifespan); ``engine``
+    replaces the worker's continuous-batching engine (tests script it)."""
     from ..generate import eos_token_ids
     from .app import State
 
     metrics = Metrics()
     worker = Worker(model, max_batch=max_batch, max_queue=max_queue if max_queue is not None else 4 * max_batch,
-                    metrics=metrics, prompt_cache_bytes=parse_bytes(prompt_cache_bytes))
+                    metrics=metrics, prompt_cache_bytes=parse_bytes(prompt_cache_bytes), engine=engine)
     return State(model=model, worker=worker, metrics=metrics,
                  model_id=model_id or Path(str(getattr(model, "path", "model"))).name,
                  context=context_length(model), eos=eos_token_ids(model, model.tokenizer), api_key=api_key,

@@ -308,6 +308,7 @@ def render_metrics(state: State) -> str:
         ("flash_moe_requests_cancelled_total", "sequences stopped because their client went away"),
         ("flash_moe_prompt_tokens_total", "prompt tokens of admitted requests"),
         ("flash_moe_generated_tokens_total", "tokens generated"),
+        ("flash_moe_decode_steps_total", "batched decode steps (generated tokens / steps = mean batch size)"),
         ("flash_moe_expert_bytes_read_total", "bytes of routed experts read from the expert files"),
         ("flash_moe_expert_experts_total", "experts read from the expert files"),
         ("flash_moe_expert_hits_total", "expert reads found in the page cache"),
@@ -325,6 +326,7 @@ def render_metrics(state: State) -> str:
     for name, help_, value in (
         ("flash_moe_queue_depth", "requests waiting for a slot", gauges.get("flash_moe_queue_depth", 0)),
         ("flash_moe_active_sequences", "sequences being generated", gauges.get("flash_moe_active_sequences", 0)),
+        ("flash_moe_decode_batch_size", "sequences in the last decode step", gauges.get("flash_moe_decode_batch_size", 0)),
         ("flash_moe_generation_tokens_per_second", "tokens generated per second over the last 10 s",
          m.tokens_per_second()),
         ("flash_moe_page_cache_hit_rate", "share of expert reads found in the page cache",

@@ -2,9 +2,9 @@
 
 A job goes in through ``Worker.submit`` (a bounded queue: full means 429) and its tokens come back through
 its ``Channel``, which hands plain Python values (never MLX arrays) to the asyncio loop of the HTTP side.
-Sequences join the running set at the next step, up to ``max_batch`` of them; each step advances every
-running sequence by one token, so a new request never waits for another to finish. A job whose client went
-away is marked cancelled and leaves at its next step.
+Jobs join the engine (continuous batching, batch.py) at the next step, up to ``max_batch`` of them: their
+prompts are prefilled a chunk per step while the others decode together. A job whose client went away is
+marked cancelled and leaves at its next step.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Job:
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, repetition_penalty, seed
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    cached_tokens: int = 0  # prompt tokens found in the prompt cache (set by the worker)
 
 
 @dataclass
@@ -65,7 +66,6 @@ class Step:
     cached_tokens: int = 0
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    io: dict = field(default_factory=dict)  # expert reads of this step (bytes, experts, hits, misses)
 
 
 class Done:
@@ -123,26 +123,6 @@ def _key(name: str, labels: dict) -> str:
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
 
-class Sequence:
-    """One running job: its token stream from ``stream_generate`` (the generation seam tests script)."""
-
-    def __init__(self, model, job: Job):
-        self.job = job
-        self.stream = gen.stream_generate(model, job.ids, max_tokens=job.max_tokens, stop=job.stop, **job.sampling)
-        self.cached_tokens = 0
-
-    def step(self) -> Step:
-        r = next(self.stream)
-        step = Step(text=r.text, token=r.token, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                    generation_tokens=r.generation_tokens, cached_tokens=getattr(r, "cached_tokens", 0), io=r.io)
-        if self.job.top_logprobs is not None:
-            step.logprob, step.top_logprobs = _logprobs(r.logprobs, r.token, self.job.top_logprobs)
-        return step
-
-    def close(self) -> None:
-        self.stream.close()
-
-
 def _logprobs(logprobs, token: int, k: int):
     import mlx.core as mx
 
@@ -155,18 +135,26 @@ def _logprobs(logprobs, token: int, k: int):
 
 
 class Worker(threading.Thread):
-    """Runs up to ``max_batch`` sequences, one token each per step; ``max_queue`` more may wait."""
+    """Runs up to ``max_batch`` sequences, one token each per step; ``max_queue`` more may wait.
+
+    ``engine`` (default: a ``Batch`` over the model) is the generation seam: ``add(ids, **sampling)`` -> a
+    handle, ``step()`` -> [(handle, token, logprobs)], ``remove(handle)``, ``busy``; tests script it.
+    """
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, metrics: Metrics | None = None,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, engine=None):
         super().__init__(name="flash-moe-worker", daemon=True)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        from ..batch import Batch
+
         self.model, self.max_batch = model, max_batch
+        self.engine = engine if engine is not None else Batch(model)
         self.pending: queue.Queue = queue.Queue(max(1, max_queue))
         self.metrics = metrics or Metrics()
-        self.active: list[Sequence] = []
+        self.jobs: dict = {}  # engine handle -> (Job, TextStream)
         self.prompt_cache_bytes = prompt_cache_bytes
+        self.eos = gen.eos_token_ids(model, model.tokenizer)
         self._halt = threading.Event()
 
     def submit(self, job: Job) -> None:
@@ -182,20 +170,36 @@ class Worker(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        store = getattr(self.model, "store", None)
         while not self._halt.is_set():
             self._admit()
-            if not self.active:
+            for handle, (job, _) in list(self.jobs.items()):
+                if job.channel.cancelled:  # the client went away: stop at this step
+                    self._finish(handle)
+                    self.metrics.add("flash_moe_requests_cancelled_total")
+            if not self.jobs:
                 continue
-            for seq in list(self.active):
-                self._advance(seq)
-        for seq in self.active:
-            seq.close()
-            seq.job.channel.put(Done(RuntimeError("the server is shutting down")))
+            before = store.stats.snapshot() if store is not None else None
+            try:
+                results = self.engine.step()
+            except Exception as e:  # the model failed: tell every running client, keep serving
+                for handle in list(self.jobs):
+                    self._finish(handle, Done(e))
+                continue
+            if before is not None:
+                self._count_io(store.stats.snapshot().delta(before).totals())
+            if results:
+                self.metrics.add("flash_moe_decode_steps_total")
+                self.metrics.set("flash_moe_decode_batch_size", len(results))
+            for handle, token, logprobs in results:
+                self._emit(handle, token, logprobs)
+        for handle in list(self.jobs):
+            self._finish(handle, Done(RuntimeError("the server is shutting down")))
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_batch:
+        while len(self.jobs) < self.max_batch:
             try:
-                job = self.pending.get(timeout=0.05) if not self.active else self.pending.get_nowait()
+                job = self.pending.get(timeout=0.05) if not self.jobs else self.pending.get_nowait()
             except queue.Empty:
                 break
             self.metrics.set("flash_moe_queue_depth", self.pending.qsize())
@@ -203,47 +207,36 @@ class Worker(threading.Thread):
                 self.metrics.add("flash_moe_requests_cancelled_total")
                 continue
             try:
-                self.active.append(Sequence(self.model, job))
+                handle = self.engine.add(job.ids, **job.sampling)
             except Exception as e:  # a bad job fails alone
                 job.channel.put(Done(e))
+                continue
+            self.jobs[handle] = (job, gen.TextStream(self.model.tokenizer, self.eos, job.stop, job.max_tokens))
             self.metrics.add("flash_moe_prompt_tokens_total", len(job.ids))
-        self.metrics.set("flash_moe_active_sequences", len(self.active))
+        self.metrics.set("flash_moe_active_sequences", len(self.jobs))
 
-    def _advance(self, seq: Sequence) -> None:
-        job = seq.job
-        if job.channel.cancelled:
-            self._drop(seq)
-            self.metrics.add("flash_moe_requests_cancelled_total")
-            return
-        try:
-            step = seq.step()
-        except StopIteration:
-            self._drop(seq)
-            job.channel.put(Done())
-            return
-        except Exception as e:  # the model failed on this job: tell its client, keep serving the others
-            self._drop(seq)
-            job.channel.put(Done(e))
-            return
-        self._count(step)
+    def _emit(self, handle, token: int, logprobs) -> None:
+        job, text = self.jobs[handle]
+        delta, finish = text.add(token)
+        step = Step(text=delta, token=token, finish_reason=finish, prompt_tokens=len(job.ids),
+                    generation_tokens=text.n, cached_tokens=job.cached_tokens)
+        if job.top_logprobs is not None:
+            step.logprob, step.top_logprobs = _logprobs(logprobs, token, job.top_logprobs)
+        self.metrics.add("flash_moe_generated_tokens_total")
+        self.metrics.tokens(1)
         job.channel.put(step)
-        if step.finish_reason:
-            self._drop(seq)
-            job.channel.put(Done())
+        if finish:
+            self._finish(handle, Done())
 
-    def _drop(self, seq: Sequence) -> None:
-        seq.close()
-        self.active.remove(seq)
-        self.metrics.set("flash_moe_active_sequences", len(self.active))
+    def _finish(self, handle, done: Done | None = None) -> None:
+        job, _ = self.jobs.pop(handle)
+        self.engine.remove(handle)
+        if done is not None:
+            job.channel.put(done)
+        self.metrics.set("flash_moe_active_sequences", len(self.jobs))
 
-    def _count(self, step: Step) -> None:
-        m, io = self.metrics, step.io
-        m.add("flash_moe_generated_tokens_total")
-        m.tokens(1)
-        if step.generation_tokens == 1 and step.cached_tokens:
-            m.add("flash_moe_prompt_cache_hits_total")
-            m.add("flash_moe_prompt_cache_tokens_total", step.cached_tokens)
+    def _count_io(self, io: dict) -> None:
         for name in ("bytes", "experts", "hits", "misses"):
             if io.get(name):
-                m.add(f"flash_moe_expert_{name}_total" if name != "bytes" else "flash_moe_expert_bytes_read_total",
-                      io[name])
+                key = "flash_moe_expert_bytes_read_total" if name == "bytes" else f"flash_moe_expert_{name}_total"
+                self.metrics.add(key, io[name])
