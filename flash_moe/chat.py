@@ -6,48 +6,12 @@ reported back to the model as the tool's result, so the conversation goes on.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 from .tool_calls import ToolCall
+from .tools import BUILTIN_TOOLS, confirm_and_run
 
-MAX_TOOL_OUTPUT = 16_000
 MAX_TOOL_ROUNDS = 4
-
-
-def _tool(name, description, **params):
-    required = [k for k, v in params.items() if not v.pop("optional", False)]
-    return {"type": "function", "function": {"name": name, "description": description,
-            "parameters": {"type": "object", "properties": params, "required": required}}}
-
-
-BUILTIN_TOOLS = [
-    _tool("current_time", "The local date and time."),
-    _tool("list_directory", "List the entries of a directory.", path={"type": "string", "description": "directory path"}),
-    _tool("read_file", "Read a text file (at most 16 kB).", path={"type": "string", "description": "file path"}),
-    _tool("run_shell", "Run a shell command and return its output.", command={"type": "string", "description": "the command"}),
-]
-
-
-def run_tool(call: ToolCall) -> str:
-    args = call.arguments
-    try:
-        if call.name == "current_time":
-            return datetime.datetime.now().isoformat(timespec="seconds")
-        if call.name == "list_directory":
-            return "\n".join(sorted(os.listdir(Path(args["path"]).expanduser())))
-        if call.name == "read_file":
-            return Path(args["path"]).expanduser().read_text(errors="replace")[:MAX_TOOL_OUTPUT]
-        if call.name == "run_shell":
-            p = subprocess.run(args["command"], shell=True, capture_output=True, text=True, timeout=60)
-            return (p.stdout + p.stderr)[:MAX_TOOL_OUTPUT] + f"\n(exit status {p.returncode})"
-        return f"error: unknown tool {call.name!r}"
-    except Exception as e:  # the model gets the failure as the tool's result
-        return f"error: {type(e).__name__}: {e}"
 
 
 def _ask(prompt: str) -> str | None:
@@ -85,13 +49,15 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
             if not calls:
                 break
             for call in calls:
-                history.append({"role": "tool", "content": _handle_call(call, out)})
+                history.append({"role": "tool", "content": confirm_and_run(call, _ask, out)})
     print("bye", file=out)
 
 
 def _reply(model, history, schemas, enable_thinking, out, sampling) -> tuple[str, list]:
     content, calls, shown = "", [], None
-    for r in model.stream_generate(history, tools=schemas, enable_thinking=enable_thinking, **sampling):
+    # With tools off (--no-tools) tool-call markup is plain text: nothing is parsed, so nothing can run.
+    for r in model.stream_generate(history, tools=schemas, parse_tools=schemas is not None,
+                                   enable_thinking=enable_thinking, **sampling):
         # Thinking is shown (a thinking model may spend the whole reply on it), marked off from the answer.
         for kind, text in (("reasoning", r.reasoning), ("content", r.content)):
             if text and kind != shown:
@@ -101,17 +67,3 @@ def _reply(model, history, schemas, enable_thinking, out, sampling) -> tuple[str
         content, calls = content + r.content, calls + r.tool_calls
     print(file=out)
     return content, calls
-
-
-def _handle_call(call, out) -> str:
-    if not isinstance(call, ToolCall):
-        print(f"[malformed tool call: {call.message}]", file=out)
-        return f"error: malformed tool call ({call.message})"
-    shown = json.dumps(call.arguments, ensure_ascii=False)
-    answer = _ask(f"[tool] {call.name}({shown}) — run it? [y/N] ")
-    if (answer or "").strip().lower() not in ("y", "yes"):
-        print("[declined]", file=out)
-        return "error: the user declined to run this tool"
-    result = run_tool(call)
-    print(result[:2000], file=out)
-    return result

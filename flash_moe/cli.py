@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /exit)")
     p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--no-tools", action="store_true", help="offer no tools to the model")
+    p.add_argument("--no-tools", action="store_true",
+                   help="offer no tools to the model and run none (tool-call text is shown as text)")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                    help="turn thinking on or off (default: the chat template's default)")
     _add_sampling(p)

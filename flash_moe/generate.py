@@ -180,7 +180,7 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
                     seed: int = 0, tools=None, enable_thinking=None, chat=None, prefill_step_size: int = 512,
-                    timer=None) -> Iterator[GenerationResponse]:
+                    timer=None, parse_tools: bool = True) -> Iterator[GenerationResponse]:
     """Stream a completion of ``prompt`` (text, token ids, or chat messages). See ``LoadedModel.generate``."""
     tok = model.tokenizer
     if isinstance(prompt, mx.array):
@@ -195,7 +195,7 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
     eos = eos_token_ids(model, tok)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty)
-    parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids))
+    parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids), parse_tools=parse_tools)
     text, store = TextStream(tok, eos, stop, max_tokens), getattr(model, "store", None)
     n, tic = 0, time.perf_counter()
     io_before = store.stats.snapshot() if store else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..generate import prompt_tokens
-from ..tool_calls import THINK_START, TOOL_CALL_START, ToolCall, ToolCallError, ToolCallStreamParser, tool_call_format
+from ..tool_calls import THINK_START, TOOL_CALL_START, ToolCall, ToolCallStreamParser, tool_call_format
 
 
 class BadRequest(ValueError):
@@ -31,7 +31,7 @@ class Turn:
     in_reasoning: bool = False  # the prompt ends inside <think>
     prefix: str = ""  # text already in the prompt that the parser must see first (a forced call's opening)
     top_logprobs: int | None = None
-    parse_calls: bool = True  # tool_choice "none": tool-call text stays content
+    parse_calls: bool = True  # False (tool_choice "none"): tool-call markup stays content
 
 
 def tool_mode(choice) -> str:
@@ -107,7 +107,7 @@ class Output:
 
     def __init__(self, turn: Turn):
         self.turn, self.calls = turn, 0
-        self.parser = ToolCallStreamParser(turn.tools, in_reasoning=turn.in_reasoning)
+        self.parser = ToolCallStreamParser(turn.tools, in_reasoning=turn.in_reasoning, parse_tools=turn.parse_calls)
         self.parser.feed(turn.prefix)  # a forced call's opening is held by the parser until the call ends
 
     def feed(self, text: str, finish_reason: str | None) -> Update:
@@ -118,14 +118,11 @@ class Output:
                 up.content += value
             elif kind == "reasoning":
                 up.reasoning += value
-            elif isinstance(value, ToolCall) and self.turn.parse_calls:
+            elif isinstance(value, ToolCall):
                 up.calls.append(value)
-            else:  # tool_choice none, or a malformed call: the text stays visible, with what was wrong
-                up.content += value.raw
-                if isinstance(value, ToolCallError):
-                    note = f"\n[flash-moe: malformed tool call, returned as text: {value.message}]"
-                    up.content += note
-                    up.notes.append(value.message)
+            else:  # a malformed call: the text stays visible, with what was wrong
+                up.content += value.raw + f"\n[flash-moe: malformed tool call, returned as text: {value.message}]"
+                up.notes.append(value.message)
         self.calls += len(up.calls)
         if finish_reason:
             up.finish_reason = "tool_calls" if self.calls else finish_reason
