@@ -377,3 +377,24 @@ def test_cli_refusals(demo_folder):
         with pytest.raises(SystemExit) as e:
             main(["serve", "--model", str(demo_folder), *argv])
         assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_json_object_checked(model):
+    with scripted(model, '{"answer": 42}', "not json at all") as (server, script):
+        client = oai(server)
+        ask = [{"role": "user", "content": "Answer in JSON."}]
+        kwargs = dict(model="demo", messages=ask, response_format={"type": "json_object"}, extra_body=NO_THINK)
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].message.content == '{"answer": 42}' and not getattr(r, "warnings", None)
+        r = client.chat.completions.create(**kwargs)
+        assert "not a JSON object" in r.warnings[0]
+
+
+def test_limits_on_body(server, monkeypatch):
+    import flash_moe.server.app as app
+
+    status, _, err = raw(server, "POST", "/v1/completions", {"prompt": "x", "stop": [str(i) for i in range(17)]})
+    assert status == 400 and err["error"]["param"] == "stop"
+    monkeypatch.setattr(app, "MAX_BODY", 1000)
+    status, _, err = raw(server, "POST", "/v1/completions", {"prompt": "x" * 2000})
+    assert status == 413 and err["error"]["param"] == "body"

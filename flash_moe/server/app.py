@@ -23,6 +23,9 @@ from .turn import BadRequest, Output, Turn, check_ids, check_length, prepare, to
 from .worker import Channel, Done, Job, Metrics, QueueFull, Worker
 
 
+MAX_BODY = 64 << 20  # a request body larger than this is refused (413) before it is read
+
+
 @dataclass
 class State:
     model: object  # the LoadedModel: only its tokenizer and config are used here
@@ -64,6 +67,10 @@ def create_app(state: State) -> FastAPI:
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > MAX_BODY:
+            metrics.add("flash_moe_requests_rejected_total", reason="bad_request")
+            return _error(request, 413, f"body: {int(size)} bytes, at most {MAX_BODY} accepted", "body")
         if state.api_key and request.url.path != "/health":
             bearer = request.headers.get("authorization", "")
             given = bearer[7:] if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -111,16 +118,17 @@ def create_app(state: State) -> FastAPI:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         kwargs = body.chat_template_kwargs or {}
         thinking = body.enable_thinking if body.enable_thinking is not None else kwargs.get("enable_thinking")
+        messages = oai.to_messages(body.messages)
+        want_json = body.response_format is not None and body.response_format.type == "json_object"
+        if want_json and not any("json" in m["content"].lower() for m in messages):
+            raise BadRequest("messages: response_format json_object needs the word 'json' in the messages "
+                             "(the model must be told to answer in JSON)", "response_format")
         turn = await run_in_threadpool(
-            prepare, state.tokenizer, oai.to_messages(body.messages), tools=tools, mode=tool_mode(body.tool_choice),
+            prepare, state.tokenizer, messages, tools=tools, mode=tool_mode(body.tool_choice),
             enable_thinking=thinking, max_tokens=body.max_completion_tokens or body.max_tokens,
             default_max_tokens=state.default_max_tokens, context=state.context, sampling=_sampling(body),
             stop=body.stop, top_logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         fmt = oai.ChatFormatter(state.model_id, state.tokenizer, body.logprobs)
-        want_json = body.response_format is not None and body.response_format.type == "json_object"
-        if want_json and not any("json" in (m.get("content") or "").lower() for m in oai.to_messages(body.messages)):
-            raise BadRequest("messages: response_format json_object needs the word 'json' in the messages "
-                             "(the model must be told to answer in JSON)", "response_format")
         run = _run(state, turn)
         if not body.stream:
             steps, updates = await _collect(run, request)

@@ -72,7 +72,7 @@ class Sampling(_Body):
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
     seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = Field(default=None, max_length=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
@@ -121,7 +121,7 @@ class MessagesRequest(_Body):
     system: Union[str, list[dict], None] = None
     tools: Optional[list[AnthropicTool]] = None
     tool_choice: Optional[AnthropicToolChoice] = None
-    stop_sequences: Optional[list[str]] = None
+    stop_sequences: Optional[list[str]] = Field(default=None, max_length=16)
     temperature: Optional[float] = Field(default=None, ge=0, le=1)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=0)
