@@ -2,6 +2,7 @@
 
 from .batch import batch_generate
 from .load import LoadedModel, load
+from .prompt_cache import PromptCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 
 def serve(model, **kwargs) -> None:
@@ -11,5 +12,6 @@ def serve(model, **kwargs) -> None:
     run(model, **kwargs)
 
 
-__all__ = ["load", "LoadedModel", "batch_generate", "serve"]
+__all__ = ["load", "LoadedModel", "batch_generate", "make_prompt_cache", "save_prompt_cache", "load_prompt_cache",
+           "PromptCache", "serve"]
 __version__ = "0.1.0"

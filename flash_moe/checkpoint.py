@@ -7,6 +7,7 @@ Every tensor is checked against the model: a missing, unexpected or misshaped te
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import ResidentExperts
-from .files import CheckpointError  # defined with the file checks; imported from here by older code
+from .files import CheckpointError, inside, open_regular, read_json  # CheckpointError: imported from here by older code
 from .model import Model, ModelArgs, WeightError, sanitize
 
 
@@ -31,19 +32,31 @@ def read_config(folder: str | Path) -> dict:
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's shard files: those the index names (each inside ``folder``), else every
+    ``*.safetensors``; each must be a regular file (a FIFO would block the reader forever)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no \"weight_map\" of tensor name -> file name")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            try:
+                files.append(inside(folder, name))
+            except CheckpointError:  # say which file named it
+                raise CheckpointError(f"{index}: names {name!r}, outside the model folder") from None
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{f}: listed in {index.name} but missing")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "resident.safetensors"] or files
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        files = [f for f in files if f.name != "resident.safetensors"] or files
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+    for f in files:
+        os.close(open_regular(f))  # names the kind of file: "not a regular file (a FIFO)"
     return files
 
 

@@ -42,7 +42,7 @@ def cmd_convert(args) -> None:
     from .convert import convert
 
     dst = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                  resident_bits=args.resident_bits, revision=args.revision)
+                  resident_bits=args.resident_bits, revision=args.revision, overwrite=args.overwrite)
     print(f"converted {args.src} -> {dst}")
 
 
@@ -64,16 +64,20 @@ def cmd_generate(args) -> None:
     model = load(args.model, **_loading(args))
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
+    cache = None
+    if args.prompt_cache:
+        prompt, chat, cache = _use_prompt_cache(args, model, prompt, chat)
     timer = PhaseTimer(model).install() if args.timing else None
     last, calls = None, []
-    for r in model.stream_generate(prompt, chat=chat, timer=timer, **_sampling(args)):
+    for r in model.stream_generate(prompt, chat=chat, timer=timer, prompt_cache=cache, **_sampling(args)):
         print(r.text, end="", flush=True)
         last, calls = r, calls + r.tool_calls  # each call comes with the step that completes it
     print()
     for call in calls:
         print(f"[tool call] {call}")
     if last:
-        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
+        cached = f" ({last.cached_tokens} cached)" if cache is not None else ""
+        print(f"prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | generation: "
               f"{last.generation_tokens} tokens, {last.generation_tps:.2f} tok/s | peak memory {last.peak_memory:.2f} GB",
               file=sys.stderr)
     if timer:
@@ -81,12 +85,45 @@ def cmd_generate(args) -> None:
         print(timer.table(), file=sys.stderr)
 
 
+def _use_prompt_cache(args, model, prompt: str, chat):
+    """``generate --prompt-cache FILE``: the prompt continues the text cached there, templated as it was."""
+    from .prompt_cache import load_prompt_cache
+
+    cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    cached_chat = info.get("chat") == "1"
+    if "prompt" not in info:
+        raise ValueError(f"--prompt-cache: {args.prompt_cache} has no prompt text (not made by flash-moe cache-prompt)")
+    if args.raw and cached_chat:
+        raise ValueError(f"--raw: {args.prompt_cache} was cached with the chat template; drop --raw")
+    return info["prompt"] + prompt, cached_chat, cache
+
+
+def cmd_cache_prompt(args) -> None:
+    import mlx.core as mx
+
+    from . import load
+    from .generate import generate_step, open_prompt_tokens
+    from .prompt_cache import save_prompt_cache
+
+    model = load(args.model, **_loading(args))
+    text = args.prompt if args.prompt != "-" else sys.stdin.read()
+    chat = not args.raw and model.tokenizer.chat_template is not None
+    ids = open_prompt_tokens(model.tokenizer, text, chat)
+    if not ids:
+        raise ValueError("--prompt: the prompt is empty")
+    cache = model.make_prompt_cache()
+    for _ in generate_step(mx.array(ids, mx.int32), model, max_tokens=1, prompt_cache=cache):
+        pass  # processes every prompt token (the one sampled token is not kept)
+    save_prompt_cache(args.out, cache, model, metadata={"prompt": text, "chat": str(int(chat))})
+    print(f"{args.out}: {len(cache.tokens)} prompt tokens cached ({cache.nbytes / 2**20:.1f} MiB)")
+
+
 def cmd_chat(args) -> None:
     from .chat import chat
 
     options = _loading(args)
     chat(args.model, system=args.system, experts_per_token=options.pop("experts_per_token"), tools=not args.no_tools,
-         enable_thinking=args.think, load_options=options, **_sampling(args))
+         enable_thinking=args.think, load_options=options, verbose=args.verbose, **_sampling(args))
 
 
 def cmd_demo(args) -> None:
@@ -127,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident-bits", type=int, default=None, choices=(4, 8),
                    help="also quantize big non-expert matrices (router and shared gate stay >= 8 bits)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: remove what an earlier conversion left in DST (convert's own files only) "
+                        "instead of resuming it; needed to convert another source or other settings into DST")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="re-check every expert of a converted model against layout.json")
@@ -138,17 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--timing", action="store_true", help="print a per-phase ms/token table (adds a sync per phase)")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="a file from flash-moe cache-prompt: the prompt continues the text cached there")
     _add_sampling(p)
     _add_loading(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /exit)")
+    p = sub.add_parser("cache-prompt", help="process a prompt once and save the state, for generate --prompt-cache")
+    p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
+    p.add_argument("--prompt", required=True, help="the shared start of later prompts ('-' reads stdin)")
+    p.add_argument("--out", required=True, help="the prompt cache file to write (safetensors)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's num_experts_per_tok)")
+    _add_loading(p)
+    p.set_defaults(func=cmd_cache_prompt)
+
+    p = sub.add_parser("chat", help="interactive chat with history and tool calling (/reset, /stats, /exit)")
     p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-tools", action="store_true",
                    help="offer no tools to the model and run none (tool-call text is shown as text)")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                    help="turn thinking on or off (default: the chat template's default)")
+    p.add_argument("--verbose", action="store_true",
+                   help="after each reply: prompt tokens, cached tokens, prefill and generation tok/s (/stats toggles)")
     _add_sampling(p)
     _add_loading(p)
     p.set_defaults(func=cmd_chat)

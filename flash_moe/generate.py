@@ -13,30 +13,47 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .prompt_cache import make_prompt_cache
 from .sample import make_logits_processors, make_sampler, step_keys
 from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
 
 
 def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=None, logits_processors=(),
-                  seed: int = 0, prefill_step_size: int = 512, timer=None) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) for up to ``max_tokens`` new tokens after ``prompt`` (1-D token ids)."""
+                  seed: int = 0, prefill_step_size: int = 512, timer=None, prompt_cache=None,
+                  checkpoint_at=()) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) for up to ``max_tokens`` new tokens after ``prompt`` (1-D token ids).
+
+    prompt_cache: a ``PromptCache`` (``make_prompt_cache``) kept between calls: the leading tokens of
+        ``prompt`` it already holds are not processed again, and afterwards it holds the prompt and the
+        generated tokens but the last. Without one, a fresh cache lives for this call only.
+    checkpoint_at: prompt positions (besides the end of the prompt) where the cache snapshots its state,
+        so a later prompt that diverges there restarts from it (``stream_generate`` passes the end of the
+        chat history before the generation prompt).
+    """
     sampler = sampler or make_sampler()
-    cache = model.make_cache()
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    ids = prompt.tolist()
     tokens = prompt
+    pos = cache.prepare(ids)
     if timer:
         timer.start_prefill()
-    # Prefill in chunks: each chunk reads its experts once per layer, not once per token.
-    while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:n][None], cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
+    # Prefill in chunks: each chunk reads its experts once per layer, not once per token. The last prompt
+    # token is left for the first decode step (its logits); the cache checkpoints just before it.
+    for stop in sorted({p for p in checkpoint_at if pos < p < len(ids) - 1} | {len(ids) - 1}):
+        while pos < stop:
+            n = min(prefill_step_size, stop - pos)
+            model(prompt[pos : pos + n][None], cache.layers)
+            cache.extend(ids[pos : pos + n])
+            mx.eval([c.state for c in cache.layers])
+            pos += n
+        cache.checkpoint()
     if timer:
         timer.start_decode()
-    keys, y = step_keys(seed), prompt
+    keys, y, token = step_keys(seed), prompt[-1:], ids[-1]
     for _ in range(max_tokens):
         # float32: top-p's cumulative sum and the log-normaliser run over the whole vocabulary (bf16 loses both)
-        logits = model(y[None], cache)[0, -1].astype(mx.float32)
+        logits = model(y[None], cache.layers)[0, -1].astype(mx.float32)
+        cache.extend((token,))
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
@@ -47,7 +64,8 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
         if timer:
             timer.mark_token()
         tokens = mx.concatenate([tokens, y])
-        yield y.item(), logprobs
+        token = y.item()
+        yield token, logprobs
 
 
 @dataclass
@@ -62,6 +80,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
+    cached_tokens: int = 0  # prompt tokens reused from prompt_cache, not processed (OpenAI's cached_tokens)
     finish_reason: str | None = None  # "stop" | "length" | None
     content: str = ""  # new visible text (no thinking, no tool-call markup)
     reasoning: str = ""  # new text inside <think>...</think>
@@ -127,14 +146,30 @@ class TextStream:
         return delta, finish
 
 
-def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None) -> list[int]:
+def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None,
+                  add_generation_prompt: bool = True) -> list[int]:
     """A string is encoded as is (or chat-templated if ``chat``); a list of messages goes through the template."""
     if isinstance(prompt, str) and not chat:
         return tokenizer.encode(prompt, add_special_tokens=False)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [_message(m) for m in prompt]
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, **kwargs)
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, **kwargs)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def open_prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
+    """The tokens every prompt that continues ``text`` starts with: the text itself, or with ``chat`` the
+    chat template's user turn cut where the text ends (left open, so a later prompt continues the message;
+    ``flash-moe cache-prompt``)."""
+    if not chat:
+        return tokenizer.encode(text, add_special_tokens=False)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=False,
+                                             tokenize=False)
+    end = rendered.rfind(text.strip())
+    if not text.strip() or end < 0:
+        raise ValueError("the chat template does not show the prompt text as it is; use --raw")
+    return tokenizer.encode(rendered[: end + len(text.strip())], add_special_tokens=False)
 
 
 def _message(m: dict) -> dict:
@@ -180,8 +215,11 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
                     seed: int = 0, tools=None, enable_thinking=None, chat=None, prefill_step_size: int = 512,
-                    timer=None, parse_tools: bool = True) -> Iterator[GenerationResponse]:
-    """Stream a completion of ``prompt`` (text, token ids, or chat messages). See ``LoadedModel.generate``."""
+                    timer=None, prompt_cache=None, parse_tools: bool = True) -> Iterator[GenerationResponse]:
+    """Stream a completion of ``prompt`` (text, token ids, or chat messages). See ``LoadedModel.generate``.
+
+    ``prompt_cache``: a ``PromptCache`` reused across calls (see ``generate_step``); each response's
+    ``cached_tokens`` says how many prompt tokens it supplied."""
     tok = model.tokenizer
     if isinstance(prompt, mx.array):
         ids = prompt.reshape(-1).tolist()
@@ -191,6 +229,10 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
         ids = prompt_tokens(tok, prompt, tools=tools, enable_thinking=enable_thinking, chat=chat)
     if not ids:
         raise ValueError("the prompt is empty")
+    cached, marks = 0, ()
+    if prompt_cache is not None:
+        cached = prompt_cache.reusable(ids)
+        marks = history_end(tok, prompt, ids, tools=tools, enable_thinking=enable_thinking, chat=chat)
     stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     eos = eos_token_ids(model, tok)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
@@ -203,9 +245,10 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
     mx.reset_peak_memory()
     for n, (token, logprobs) in enumerate(generate_step(
             mx.array(ids, mx.int32), model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-            seed=seed, prefill_step_size=prefill_step_size, timer=timer), start=1):
+            seed=seed, prefill_step_size=prefill_step_size, timer=timer, prompt_cache=prompt_cache,
+            checkpoint_at=marks), start=1):
         if n == 1:
-            prompt_tps, tic = len(ids) / (time.perf_counter() - tic), time.perf_counter()
+            prompt_tps, tic = (len(ids) - cached) / (time.perf_counter() - tic), time.perf_counter()
         io = {}
         if store:
             now = store.stats.snapshot()
@@ -215,13 +258,25 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
         yield GenerationResponse(
             text=delta, token=token, logprobs=logprobs, prompt_tokens=len(ids), prompt_tps=prompt_tps,
             generation_tokens=n, generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+            peak_memory=mx.get_peak_memory() / 1e9, cached_tokens=cached, finish_reason=finish,
             content="".join(e[1] for e in events if e[0] == "text"),
             reasoning="".join(e[1] for e in events if e[0] == "reasoning"),
             tool_calls=[e[1] for e in events if e[0] == "tool_call"], io=io,
         )
         if finish:
             break
+
+
+def history_end(tokenizer, prompt, ids: list[int], **template) -> tuple[int, ...]:
+    """Where a templated prompt's history ends and its generation prompt begins: the next turn's template
+    may render the reply differently from what was generated (Qwen drops the thinking and the empty
+    ``<think></think>``), so a prompt cache checkpoint there is where the next turn picks up."""
+    if isinstance(prompt, (mx.array, str)) and not (isinstance(prompt, str) and template.get("chat")):
+        return ()
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return ()
+    history = prompt_tokens(tokenizer, prompt, add_generation_prompt=False, **template)
+    return (len(history),) if ids[: len(history)] == history else ()
 
 
 def _starts_in_thinking(tokenizer, ids: list[int]) -> bool:

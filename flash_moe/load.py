@@ -67,6 +67,12 @@ class LoadedModel:
     def make_cache(self) -> list:
         return self.model.make_cache()
 
+    def make_prompt_cache(self, max_checkpoints: int | None = None):
+        """A ``PromptCache`` to pass to ``generate(..., prompt_cache=)`` across calls (see prompt_cache.py)."""
+        from .prompt_cache import DEFAULT_CHECKPOINTS, make_prompt_cache
+
+        return make_prompt_cache(self, DEFAULT_CHECKPOINTS if max_checkpoints is None else max_checkpoints)
+
     @property
     def experts_per_token(self) -> int:
         return self.config.num_experts_per_tok

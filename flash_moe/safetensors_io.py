@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import open_regular
+
 ST_DTYPES = {  # safetensors dtype -> (numpy storage dtype, our dtype name)
     "F32": (np.float32, "float32"),
     "F16": (np.float16, "float16"),
@@ -88,7 +90,7 @@ class SafetensorsIndex:
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            self._fds[path] = open_regular(path)
         return self._fds[path]
 
     def read_bytes(self, key: str, first: int = 0, count: int | None = None) -> bytes:

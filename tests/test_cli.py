@@ -158,7 +158,7 @@ def test_chat_through_stdin(demo, demo_folder):
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     hello = expected_reply(demo, [{"role": "user", "content": "hello"}])
     hi = expected_reply(demo, [{"role": "user", "content": "hi"}])  # a fresh history after /reset
-    transcript = [f"flash-moe chat: {demo}\n/reset clears the history, /exit quits.\n", hello, "(history cleared)\n",
+    transcript = [f"flash-moe chat: {demo}\n{chat_mod.HELP}\n", hello, "(history cleared)\n",
                   hi, "bye\n"]
     assert run.stdout == ">>> ".join(transcript), run.stdout
 
@@ -172,6 +172,9 @@ class Recorder:
     def stream_generate(self, messages, **kwargs):
         self.turns.append([dict(m) for m in messages])
         return self.model.stream_generate(messages, **kwargs)
+
+    def make_prompt_cache(self):
+        return self.model.make_prompt_cache()
 
 
 def test_chat_history_and_reset(demo, monkeypatch, seed):
