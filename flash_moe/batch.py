@@ -17,20 +17,26 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import ArraysCache, BatchKVCache, KVCache
+from .prompt_cache import PromptCache, make_prompt_cache
 from .sample import make_logits_processors, make_sampler, step_keys
 
 
 @dataclass(eq=False)
 class BatchSequence:
-    """One sequence of a Batch: its sampling state, and its caches while it is prefilled."""
+    """One sequence of a Batch: its sampling state and its prompt cache (whose layers are the sequence's
+    own caches while it is prefilled; the batch holds its state while it decodes)."""
 
     prompt: mx.array
+    ids: list[int]
     sampler: object
     processors: list
     keys: object
-    cache: list | None = None  # its own per-layer caches until it joins the batch
-    todo: mx.array | None = None  # prompt tokens still to prefill
+    cache: PromptCache
+    cached_tokens: int = 0  # leading prompt tokens the prompt cache already held
+    pos: int = 0  # prompt tokens absorbed so far
+    marks: list = field(default_factory=list)  # prompt positions where the prompt cache takes a checkpoint
     last: mx.array | None = None  # the token fed at the next decode step, shape [1]
+    last_id: int = 0
     tokens: mx.array | None = None  # prompt + generated, for logits processors
     generated: int = 0
     data: dict = field(default_factory=dict)  # whatever the caller keeps with it
@@ -50,40 +56,47 @@ class Batch:
         return bool(self.prefilling or self.running)
 
     def add(self, ids, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-            repetition_penalty: float | None = None, seed: int = 0, cache: list | None = None,
-            cached_tokens: int = 0) -> BatchSequence:
-        """Queue a prompt (token ids). ``cache``: caches that already hold its first ``cached_tokens`` tokens."""
-        prompt = mx.array(list(ids), mx.int32)
-        if prompt.size == 0:
+            repetition_penalty: float | None = None, seed: int = 0, prompt_cache: PromptCache | None = None,
+            checkpoint_at=()) -> BatchSequence:
+        """Queue a prompt (token ids). ``prompt_cache``: its leading tokens that the cache holds are not
+        processed again (``seq.cached_tokens``), and when the sequence leaves, the cache holds its state.
+        ``checkpoint_at``: prompt positions where the cache takes a checkpoint (the end of the prompt always)."""
+        ids = list(ids)
+        if not ids:
             raise ValueError("the prompt is empty")
-        seq = BatchSequence(prompt=prompt, sampler=make_sampler(temperature, top_p, top_k, min_p),
+        cache = prompt_cache if prompt_cache is not None else make_prompt_cache(self.model)
+        start = cache.prepare(ids)
+        prompt = mx.array(ids, mx.int32)
+        seq = BatchSequence(prompt=prompt, ids=ids, sampler=make_sampler(temperature, top_p, top_k, min_p),
                             processors=make_logits_processors(repetition_penalty), keys=step_keys(seed),
-                            cache=cache if cache is not None else self.model.make_cache(), todo=prompt[cached_tokens:])
-        seq.tokens = prompt
+                            cache=cache, cached_tokens=start, pos=start, tokens=prompt,
+                            marks=sorted({p for p in checkpoint_at if start < p < len(ids) - 1} | {len(ids) - 1}))
         self.prefilling.append(seq)
         return seq
 
-    def remove(self, seq: BatchSequence) -> list:
-        """Take ``seq`` out; returns its per-layer caches (batch 1), e.g. to keep as a prompt cache."""
+    def remove(self, seq: BatchSequence) -> PromptCache:
+        """Take ``seq`` out; returns its prompt cache, which then holds the sequence's state (its prompt and
+        every token fed back), ready to be kept for a later prompt."""
         if seq in self.prefilling:
             self.prefilling.remove(seq)
             return seq.cache
         i = self.running.index(seq)
         keep = mx.array([j for j in range(len(self.running)) if j != i], mx.int32)
         own = []
-        for layer, c in enumerate(self.cache):
+        for c in self.cache:
             if isinstance(c, BatchKVCache):
                 own.append(c.caches.pop(i))
                 continue
             mine = ArraysCache(len(c.cache))
-            mine.cache = [a[i : i + 1] if a is not None else None for a in c.cache]
-            mine.offset = seq.prompt.size + seq.generated
+            mine.cache = [a[i : i + 1] for a in c.cache]
+            mine.offset = len(seq.cache.tokens)
             own.append(mine)
-            c.cache = [a[keep] if a is not None and keep.size else None for a in c.cache]
+            c.cache = [a[keep] for a in c.cache] if keep.size else c.cache
+        seq.cache.layers = own
         self.running.pop(i)
         if not self.running:
             self.cache = None
-        return own
+        return seq.cache
 
     def step(self) -> list[tuple[BatchSequence, int, mx.array]]:
         """One prefill chunk (of the oldest waiting prompt), then one decode step of every running sequence:
@@ -93,29 +106,35 @@ class Batch:
         return self._decode() if self.running else []
 
     def _prefill_chunk(self, seq: BatchSequence) -> None:
-        if seq.todo.size > 1:  # all but the last prompt token, in chunks, as generate_step does
-            n = min(self.prefill_step_size, seq.todo.size - 1)
-            self.model(seq.todo[:n][None], seq.cache)
-            mx.eval([c.state for c in seq.cache])
-            seq.todo = seq.todo[n:]
-        if seq.todo.size == 1:
-            seq.last, seq.todo = seq.todo, None
+        # All but the last prompt token, in chunks as generate_step takes them; the prompt cache takes a
+        # checkpoint at each mark (the last one: the end of the prompt, before its last token).
+        if seq.pos < seq.marks[0]:
+            n = min(self.prefill_step_size, seq.marks[0] - seq.pos)
+            self.model(seq.prompt[seq.pos : seq.pos + n][None], seq.cache.layers)
+            seq.cache.extend(seq.ids[seq.pos : seq.pos + n])
+            mx.eval([c.state for c in seq.cache.layers])
+            seq.pos += n
+        if seq.pos == seq.marks[0]:
+            seq.cache.checkpoint()
+            seq.marks.pop(0)
+        if not seq.marks:
+            seq.last, seq.last_id = seq.prompt[-1:], seq.ids[-1]
             self.prefilling.remove(seq)
             self._join(seq)
 
     def _join(self, seq: BatchSequence) -> None:
-        own, seq.cache = seq.cache, None
+        layers = self.model.model.layers
+        own = seq.cache.layers
+        for c, layer in zip(own, layers):
+            if isinstance(c, ArraysCache):
+                _materialize(c, layer)
         if self.cache is None:
-            self.cache = [BatchKVCache([c]) if isinstance(c, KVCache) else c for c in own]
-            for c, layer in zip(self.cache, self.model.model.layers):
-                if isinstance(c, ArraysCache):
-                    _materialize(c, layer)
+            self.cache = [BatchKVCache([c]) if isinstance(c, KVCache) else _stacked([c]) for c in own]
         else:
-            for c, mine, layer in zip(self.cache, own, self.model.model.layers):
+            for c, mine in zip(self.cache, own):
                 if isinstance(c, BatchKVCache):
                     c.caches.append(mine)
                 else:
-                    _materialize(mine, layer)
                     c.cache = [mx.concatenate([a, b]) for a, b in zip(c.cache, mine.cache)]
         self.running.append(seq)
 
@@ -133,11 +152,20 @@ class Batch:
         mx.eval([(y, lp) for _, y, lp in picked])
         out = []
         for s, y, logprobs in picked:
-            s.last, s.generated = y, s.generated + 1
+            s.cache.extend((s.last_id,))  # the token just fed is now in the state
+            s.last, s.last_id, s.generated = y, y.item(), s.generated + 1
             if s.processors:
                 s.tokens = mx.concatenate([s.tokens, y])
-            out.append((s, y.item(), logprobs))
+            out.append((s, s.last_id, logprobs))
         return out
+
+
+def _stacked(caches: list[ArraysCache]) -> ArraysCache:
+    """A batch's GatedDeltaNet cache: the sequences' states stacked on the batch axis (a new object: the
+    sequences' own caches are left as they were)."""
+    out = ArraysCache(len(caches[0].cache))
+    out.cache = [mx.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*(c.cache for c in caches))]
+    return out
 
 
 def _materialize(cache: ArraysCache, layer) -> None:

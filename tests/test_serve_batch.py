@@ -183,9 +183,12 @@ def test_load(model, seed):
     pool_prompts = random_prompts(rng, 10)
     plans = [(rng.randrange(10), rng.randint(2, 6), rng.random() < 0.25) for _ in range(200)]
     refs = {(i, n): model.generate(pool_prompts[i], max_tokens=n) for i, n, _ in set((i, n, False) for i, n, _ in plans)}
-    with LiveServer(make_state(model, max_batch=8, max_queue=64)) as s:
+    bound = 2 << 20
+    with LiveServer(make_state(model, max_batch=8, max_queue=64, prompt_cache_bytes=bound)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
         client.completions.create(model="demo", prompt=pool_prompts[0], max_tokens=2)  # warm up
+        kept = s.state.worker.pool
+        kept.entries.clear()  # the worker is idle
         gc.collect()
         base_rss, base_mx = rss(), mx.get_active_memory()
         errors, done, cancelled = [], [], []
@@ -215,6 +218,8 @@ def test_load(model, seed):
             time.sleep(0.05)
         assert not s.state.worker.jobs
         assert s.state.metrics.get("flash_moe_requests_cancelled_total") >= min(len(cancelled), 1)
+        assert 0 < kept.nbytes <= bound and s.state.metrics.get("flash_moe_prompt_cache_hits_total") > 0
+    kept.entries.clear()  # the prompt caches are kept on purpose; what must come back is everything else
     assert not errors, errors[:3]
     assert len(done) + len(cancelled) == 200
     for i, n, text in done:

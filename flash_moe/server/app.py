@@ -234,7 +234,7 @@ async def _run(state: State, turn: Turn, parse: bool = True):
     """Submit ``turn`` and yield (Step, Update) as the worker produces them; leaving early cancels the job."""
     channel = Channel(asyncio.get_running_loop())
     state.worker.submit(Job(ids=turn.ids, channel=channel, max_tokens=turn.max_tokens, sampling=turn.sampling,
-                            stop=turn.stop, top_logprobs=turn.top_logprobs))
+                            stop=turn.stop, top_logprobs=turn.top_logprobs, checkpoint_at=turn.checkpoint_at))
     output = Output(turn) if parse else None
     try:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generate import prompt_tokens
+from ..generate import history_end, prompt_tokens
 from ..tool_calls import THINK_START, TOOL_CALL_START, ToolCall, ToolCallStreamParser, tool_call_format
 
 
@@ -32,6 +32,7 @@ class Turn:
     prefix: str = ""  # text already in the prompt that the parser must see first (a forced call's opening)
     top_logprobs: int | None = None
     parse_calls: bool = True  # False (tool_choice "none"): tool-call markup stays content
+    checkpoint_at: tuple = ()  # where the chat history ends (a prompt-cache checkpoint)
 
 
 def tool_mode(choice) -> str:
@@ -61,6 +62,7 @@ def prepare(tokenizer, messages: list[dict], *, tools: list | None, mode: str, e
     except Exception as e:  # the chat template refused the conversation (jinja raise_exception, bad roles, ...)
         raise BadRequest(f"messages: the chat template cannot render them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                          "messages") from None
+    marks = history_end(tokenizer, messages, ids, tools=offered, enable_thinking=enable_thinking)
     in_reasoning = tokenizer.decode(ids[-8:]).rstrip().endswith(THINK_START)
     prefix = ""
     if offered and mode != "auto":
@@ -75,7 +77,7 @@ def prepare(tokenizer, messages: list[dict], *, tools: list | None, mode: str, e
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     return Turn(ids=ids, max_tokens=check_length(ids, max_tokens, default_max_tokens, context), sampling=sampling,
                 stop=[s for s in stop if s], tools=offered, in_reasoning=in_reasoning, prefix=prefix,
-                top_logprobs=top_logprobs, parse_calls=mode != "none")
+                top_logprobs=top_logprobs, parse_calls=mode != "none", checkpoint_at=marks)
 
 
 def check_length(ids: list[int], max_tokens: int | None, default_max_tokens: int, context: int) -> int:

@@ -51,6 +51,7 @@ class Job:
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, repetition_penalty, seed
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    checkpoint_at: tuple = ()  # prompt positions where its prompt cache takes a checkpoint (history end)
     cached_tokens: int = 0  # prompt tokens found in the prompt cache (set by the worker)
 
 
@@ -153,7 +154,11 @@ class Worker(threading.Thread):
         self.pending: queue.Queue = queue.Queue(max(1, max_queue))
         self.metrics = metrics or Metrics()
         self.jobs: dict = {}  # engine handle -> (Job, TextStream)
-        self.prompt_cache_bytes = prompt_cache_bytes
+        self.pool = None
+        if prompt_cache_bytes > 0 and engine is None:
+            from .cache_pool import PromptCachePool
+
+            self.pool = PromptCachePool(model, prompt_cache_bytes)
         self.eos = gen.eos_token_ids(model, model.tokenizer)
         self._halt = threading.Event()
 
@@ -207,10 +212,19 @@ class Worker(threading.Thread):
                 self.metrics.add("flash_moe_requests_cancelled_total")
                 continue
             try:
-                handle = self.engine.add(job.ids, **job.sampling)
+                if self.pool is not None:
+                    cache = self.pool.take(job.ids)
+                    handle = self.engine.add(job.ids, prompt_cache=cache, checkpoint_at=job.checkpoint_at,
+                                             **job.sampling)
+                else:
+                    handle = self.engine.add(job.ids, **job.sampling)
             except Exception as e:  # a bad job fails alone
                 job.channel.put(Done(e))
                 continue
+            job.cached_tokens = getattr(handle, "cached_tokens", 0)
+            if job.cached_tokens:
+                self.metrics.add("flash_moe_prompt_cache_hits_total")
+                self.metrics.add("flash_moe_prompt_cache_tokens_total", job.cached_tokens)
             self.jobs[handle] = (job, gen.TextStream(self.model.tokenizer, self.eos, job.stop, job.max_tokens))
             self.metrics.add("flash_moe_prompt_tokens_total", len(job.ids))
         self.metrics.set("flash_moe_active_sequences", len(self.jobs))
@@ -230,7 +244,10 @@ class Worker(threading.Thread):
 
     def _finish(self, handle, done: Done | None = None) -> None:
         job, _ = self.jobs.pop(handle)
-        self.engine.remove(handle)
+        cache = self.engine.remove(handle)
+        if self.pool is not None and cache is not None:  # kept for the conversation's next request
+            self.pool.put(cache)
+            self.metrics.set("flash_moe_prompt_cache_bytes", self.pool.nbytes)
         if done is not None:
             job.channel.put(done)
         self.metrics.set("flash_moe_active_sequences", len(self.jobs))
