@@ -2,34 +2,38 @@
 generated token, for several batch sizes; and stream_generate alone, the server's B=1 reference.
 
     python benchmarks/serve.py [--model M] [--batches 1,2,4,8] [--tokens 64] [--rounds 2] [--dtype float32]
+    python benchmarks/serve.py --engine ...   # the batching engine alone (flash_moe.batch.Batch), no HTTP
 
-N = B clients each stream M tokens from a server with --max-batch B, all starting together; each
-configuration runs ``--rounds`` times and the best is kept. Default model: the built demo (CPU).
+N = B clients each stream M tokens from a server with --max-batch B (``flash-moe serve`` in its own
+process, so the clients do not share its interpreter), all starting together; each configuration runs
+``--rounds`` times and the best is kept. Default model: the built demo (CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import openai  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import flash_moe  # noqa: E402
-from flash_moe.server import make_state  # noqa: E402
-from serving import LiveServer  # noqa: E402
 
 PROMPTS = ["def main", "class Parser", "import os\n", "def _read(self", "for line in", "if __name__",
            "from typing import", "async def fetch"]
 
 
 def run_clients(url: str, n: int, tokens: int) -> dict:
+    import openai
+
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
     start, results = threading.Barrier(n + 1), []
 
@@ -43,7 +47,7 @@ def run_clients(url: str, n: int, tokens: int) -> dict:
                 first = time.perf_counter() - tic
             if chunk.usage:
                 count = chunk.usage.completion_tokens
-        results.append((first, count))
+        results.append((first, count, (count - 1) / max(time.perf_counter() - tic - first, 1e-9)))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -53,8 +57,67 @@ def run_clients(url: str, n: int, tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - tic
-    total = sum(c for _, c in results)
-    return {"tok_s": total / wall, "ttft": sorted(f for f, _ in results)[len(results) // 2], "tokens": total}
+    total = sum(r[1] for r in results)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return {"tok_s": total / wall, "ttft": median([r[0] for r in results]), "tokens": total,
+            "decode": median([r[2] for r in results])}
+
+
+def metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+class Server:
+    """``flash-moe serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: str, batch: int, dtype: str | None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        code = ("import sys, flash_moe; flash_moe.serve(sys.argv[1], port=int(sys.argv[2]), max_batch=int(sys.argv[3]), "
+                "log_level='warning', load_options={'dtype': sys.argv[4] or None})")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen([sys.executable, "-c", code, model, str(port), str(batch), dtype or ""], env=env)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def run_engine(model, n: int, tokens: int) -> dict:
+    """B sequences through Batch directly: all added at once, each decoded for ``tokens`` steps."""
+    from flash_moe.batch import Batch
+
+    batch, tok = Batch(model), model.tokenizer
+    stats = model.stats
+    before = stats.snapshot() if stats is not None else None
+    tic = time.perf_counter()
+    seqs = [batch.add(tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False)) for i in range(n)]
+    first, count = None, 0
+    while count < n * tokens:
+        out = batch.step()
+        if out and first is None and len(batch.running) == n:
+            first = time.perf_counter() - tic
+        count += len(out)
+    wall = time.perf_counter() - tic
+    for s in seqs:
+        batch.remove(s)
+    read = stats.snapshot().delta(before).totals()["bytes"] if stats is not None else 0
+    return {"tok_s": count / wall, "ttft": first, "decode": tokens / (wall - first), "mb_per_token": read / 2**20 / count}
 
 
 def main():
@@ -64,38 +127,49 @@ def main():
     p.add_argument("--tokens", type=int, default=64, help="tokens per client (default 64)")
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, best kept (default 2)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the stored one)")
+    p.add_argument("--engine", action="store_true", help="measure the batching engine alone (no server)")
+    p.add_argument("--cache-experts", default="auto", help="as flash-moe generate (engine mode)")
     args = p.parse_args()
     if args.model is None:
         from flash_moe.demo import build
 
         args.model = build(progress=False, out=io.StringIO())
-    model = flash_moe.load(args.model, dtype=args.dtype)
+    model = flash_moe.load(args.model, dtype=args.dtype, cache_experts=args.cache_experts)
     model.generate(PROMPTS[0], max_tokens=8)  # warm-up: kernels, page cache
     best = 0.0
     for _ in range(args.rounds):
         for r in model.stream_generate(PROMPTS[0], max_tokens=args.tokens):
             last = r
         best = max(best, last.generation_tps)
-    print(f"stream_generate alone: {best:.1f} tok/s ({last.generation_tokens} tokens)")
-    print("| B | clients x tokens | aggregate tok/s | median TTFT (ms) | expert MB read / token | vs B=1 |")
-    print("|---|---|---|---|---|---|")
+    print(f"stream_generate alone: {best:.1f} tok/s decode ({last.generation_tokens} tokens)")
+    if not args.engine:
+        model.close()
+    print("| B | clients x tokens | aggregate tok/s | vs B=1 | per-client decode tok/s | median TTFT (ms) | "
+          "expert MB read / token |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for b in (int(x) for x in args.batches.split(",")):
-        with LiveServer(make_state(model, max_batch=b, max_queue=4 * b)) as server:
+        if args.engine:
+            run_engine(model, b, 4)  # warm-up
+            row = max((run_engine(model, b, args.tokens) for _ in range(args.rounds)), key=lambda r: r["tok_s"])
+            base = base or row["tok_s"]
+            print(f"| {b} | {b} x {args.tokens} | {row['tok_s']:.1f} | {row['tok_s'] / base:.2f}x | {row['decode']:.1f} | "
+                  f"{row['ttft'] * 1000:.0f} | {row['mb_per_token']:.3f} |")
+            continue
+        with Server(str(args.model), b, args.dtype) as server:
             run_clients(server.url, b, 4)  # warm-up
             rows = []
             for _ in range(args.rounds):
-                m = server.state.metrics
-                read0, gen0 = m.get("flash_moe_expert_bytes_read_total"), m.get("flash_moe_generated_tokens_total")
+                names = ("flash_moe_expert_bytes_read_total", "flash_moe_generated_tokens_total")
+                read0, gen0 = (metric(server.url, n) for n in names)
                 row = run_clients(server.url, b, args.tokens)
-                row["mb_per_token"] = (m.get("flash_moe_expert_bytes_read_total") - read0) / 2**20 / max(
-                    m.get("flash_moe_generated_tokens_total") - gen0, 1)
+                read1, gen1 = (metric(server.url, n) for n in names)
+                row["mb_per_token"] = (read1 - read0) / 2**20 / max(gen1 - gen0, 1)
                 rows.append(row)
         row = max(rows, key=lambda r: r["tok_s"])
         base = base or row["tok_s"]
-        print(f"| {b} | {b} x {args.tokens} | {row['tok_s']:.1f} | {row['ttft'] * 1000:.0f} | "
-              f"{row['mb_per_token']:.3f} | {row['tok_s'] / base:.2f}x |")
-    model.close()
+        print(f"| {b} | {b} x {args.tokens} | {row['tok_s']:.1f} | {row['tok_s'] / base:.2f}x | {row['decode']:.1f} | "
+              f"{row['ttft'] * 1000:.0f} | {row['mb_per_token']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class Script:
         self.replies = list(replies)
         self.prompts, self.yielded, self.running = [], [], {}
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.fail = self.encode(FAIL)[0]  # a reply with this token makes the step raise
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -79,7 +80,10 @@ class Script:
         out = []
         for handle, state in self.running.items():
             state[1] += 1
-            out.append((handle, next(state[0]), mx.full((vocab,), -math.log(vocab))))
+            token = next(state[0])
+            if token == self.fail:
+                raise RuntimeError("scripted failure")
+            out.append((handle, token, mx.full((vocab,), -math.log(vocab))))
         return out
 
     def remove(self, handle) -> None:
@@ -87,6 +91,9 @@ class Script:
 
     def prompt_text(self, i: int = -1) -> str:
         return self.tokenizer.decode(self.prompts[i], skip_special_tokens=False)
+
+
+FAIL = "\u2603"  # a scripted reply containing it fails the engine step that reaches it
 
 
 def endless(text: str) -> tuple:

@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 from conftest import seed_note
 from flash_moe import load
 from flash_moe.server import check_binding, make_state, parse_bytes
-from serving import LiveServer, endless, scripted
+from serving import FAIL, LiveServer, endless, scripted
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city",
@@ -398,3 +398,21 @@ def test_limits_on_body(server, monkeypatch):
     monkeypatch.setattr(app, "MAX_BODY", 1000)
     status, _, err = raw(server, "POST", "/v1/completions", {"prompt": "x" * 2000})
     assert status == 413 and err["error"]["param"] == "body"
+
+
+def test_engine_failure_is_reported_and_serving_goes_on(model):
+    with scripted(model, "ok " + FAIL, "a b " + FAIL, "c " + FAIL, "fine") as (server, script):
+        status, _, err = raw(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 9})
+        assert status == 500 and "scripted failure" in err["error"]["message"]
+        texts = []
+        with pytest.raises(openai.APIError, match="scripted failure"):  # an error event ends the stream
+            for chunk in oai(server).completions.create(model="demo", prompt="x", max_tokens=9, stream=True):
+                texts.append(chunk.choices[0].text)
+        assert "".join(texts).startswith("a b")  # the tokens before the failure arrived
+        with pytest.raises(anthropic.APIStatusError, match="scripted failure"):
+            with anth(server).messages.stream(model="demo", max_tokens=9, messages=[{"role": "user", "content": "x"}],
+                                              thinking={"type": "disabled"}) as s:
+                for _ in s:
+                    pass
+        assert oai(server).completions.create(model="demo", prompt="x", max_tokens=5).choices[0].text == "fine"
+        assert metric(server, "flash_moe_engine_failures_total") == 3

@@ -20,7 +20,7 @@ from . import anthropic as anth
 from . import openai as oai
 from .schemas import ChatRequest, CompletionRequest, MessagesRequest
 from .turn import BadRequest, Output, Turn, check_ids, check_length, prepare, tool_mode
-from .worker import Channel, Done, Job, Metrics, QueueFull, Worker
+from .worker import Channel, Done, GenerationError, Job, Metrics, QueueFull, Worker
 
 
 MAX_BODY = 64 << 20  # a request body larger than this is refused (413) before it is read
@@ -93,6 +93,10 @@ def create_app(state: State) -> FastAPI:
         metrics.add("flash_moe_requests_rejected_total", reason="bad_request")
         return _error(request, 400, str(exc), exc.param)
 
+    @app.exception_handler(GenerationError)
+    async def failed(request: Request, exc: GenerationError):
+        return _error(request, 500, f"generation failed: {exc}", kind="server_error")
+
     @app.exception_handler(QueueFull)
     async def full(request: Request, exc: QueueFull):
         metrics.add("flash_moe_requests_rejected_total", reason="queue_full")
@@ -147,7 +151,7 @@ def create_app(state: State) -> FastAPI:
                 yield {"data": json.dumps(fmt.usage_chunk(_usage(steps, turn)))}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(_sse(events()), ping=15)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -184,7 +188,7 @@ def create_app(state: State) -> FastAPI:
                                            "model": fmt.model, "choices": [], "usage": _usage(steps, turn)})}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(_sse(events()), ping=15)
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
@@ -217,7 +221,7 @@ def create_app(state: State) -> FastAPI:
             for name, data in fmt.end(finish, _stop_sequence(state, turn, steps), len(steps)):
                 yield ServerSentEvent(data=json.dumps(data), event=name)
 
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(_sse(events(), anthropic=True), ping=15)
 
     return app
 
@@ -252,6 +256,21 @@ async def _chain(first, rest):
     yield first
     async for x in rest:
         yield x
+
+
+async def _sse(events, anthropic: bool = False):
+    """SSE events, ending in an error event (OpenAI's or Anthropic's shape) if generation fails midway."""
+    try:
+        async for event in events:
+            yield event
+    except GenerationError as e:  # the status line is long gone: the error goes into the stream
+        message = f"generation failed: {e}"
+        if anthropic:
+            yield ServerSentEvent(data=json.dumps({"type": "error", "error": {"type": "api_error", "message": message}}),
+                                  event="error")
+        else:
+            yield {"data": json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                                 "code": None}})}
 
 
 async def _collect(run, request: Request):
@@ -314,6 +333,7 @@ def render_metrics(state: State) -> str:
         ("flash_moe_requests_total", "requests received, by endpoint"),
         ("flash_moe_requests_rejected_total", "requests refused, by reason (bad_request, unauthorized, queue_full)"),
         ("flash_moe_requests_cancelled_total", "sequences stopped because their client went away"),
+        ("flash_moe_engine_failures_total", "decode steps that failed (their sequences got an error)"),
         ("flash_moe_prompt_tokens_total", "prompt tokens of admitted requests"),
         ("flash_moe_generated_tokens_total", "tokens generated"),
         ("flash_moe_decode_steps_total", "batched decode steps (generated tokens / steps = mean batch size)"),

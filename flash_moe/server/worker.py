@@ -23,6 +23,10 @@ class QueueFull(RuntimeError):
     """Every running slot is taken and the waiting queue is full."""
 
 
+class GenerationError(RuntimeError):
+    """The model failed while running a job (500)."""
+
+
 class Channel:
     """Worker -> HTTP: items put from the worker thread come out of ``get`` on the event loop."""
 
@@ -150,7 +154,8 @@ class Worker(threading.Thread):
         from ..batch import Batch
 
         self.model, self.max_batch = model, max_batch
-        self.engine = engine if engine is not None else Batch(model)
+        self.new_engine = (lambda: Batch(model)) if engine is None else (lambda: engine)
+        self.engine = self.new_engine()
         self.pending: queue.Queue = queue.Queue(max(1, max_queue))
         self.metrics = metrics or Metrics()
         self.jobs: dict = {}  # engine handle -> (Job, TextStream)
@@ -187,9 +192,17 @@ class Worker(threading.Thread):
             before = store.stats.snapshot() if store is not None else None
             try:
                 results = self.engine.step()
-            except Exception as e:  # the model failed: tell every running client, keep serving
-                for handle in list(self.jobs):
-                    self._finish(handle, Done(e))
+            except Exception as e:  # the model failed mid-step: its state is suspect, so every running job
+                for handle, (job, _) in self.jobs.items():  # fails, nothing is kept, a fresh engine goes on
+                    job.channel.put(Done(GenerationError(f"{type(e).__name__}: {e}")))
+                    try:
+                        self.engine.remove(handle)
+                    except Exception:  # the engine is being replaced; what it still holds does not matter
+                        pass
+                self.jobs.clear()
+                self.engine = self.new_engine()
+                self.metrics.add("flash_moe_engine_failures_total")
+                self.metrics.set("flash_moe_active_sequences", 0)
                 continue
             if before is not None:
                 self._count_io(store.stats.snapshot().delta(before).totals())
@@ -199,7 +212,7 @@ class Worker(threading.Thread):
             for handle, token, logprobs in results:
                 self._emit(handle, token, logprobs)
         for handle in list(self.jobs):
-            self._finish(handle, Done(RuntimeError("the server is shutting down")))
+            self._finish(handle, Done(GenerationError("the server is shutting down")))
 
     def _admit(self) -> None:
         while len(self.jobs) < self.max_batch:
@@ -219,7 +232,7 @@ class Worker(threading.Thread):
                 else:
                     handle = self.engine.add(job.ids, **job.sampling)
             except Exception as e:  # a bad job fails alone
-                job.channel.put(Done(e))
+                job.channel.put(Done(GenerationError(f"{type(e).__name__}: {e}")))
                 continue
             job.cached_tokens = getattr(handle, "cached_tokens", 0)
             if job.cached_tokens:
