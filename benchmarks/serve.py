@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -102,11 +103,12 @@ def run_engine(model, n: int, tokens: int) -> dict:
     """B sequences through Batch directly: all added at once, each decoded for ``tokens`` steps."""
     from flash_moe.batch import Batch
 
-    batch, tok = Batch(model), model.tokenizer
+    batch, rng = Batch(model), random.Random(n)
     stats = model.stats
     before = stats.snapshot() if stats is not None else None
     tic = time.perf_counter()
-    seqs = [batch.add(tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False)) for i in range(n)]
+    # random prompt ids: a synthetic model at real shapes has no tokenizer
+    seqs = [batch.add([rng.randrange(model.config.vocab_size) for _ in range(16)]) for _ in range(n)]
     first, count = None, 0
     while count < n * tokens:
         out = batch.step()
@@ -129,19 +131,30 @@ def main():
     p.add_argument("--dtype", default=None, help="compute dtype (default: the stored one)")
     p.add_argument("--engine", action="store_true", help="measure the batching engine alone (no server)")
     p.add_argument("--cache-experts", default="auto", help="as flash-moe generate (engine mode)")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's)")
+    p.add_argument("--cap-fraction", type=float, default=None,
+                   help="engine mode, Linux root: cap memory (page cache included) at this fraction of the "
+                        "experts' bytes + 1 GiB, and drop the page cache before each batch size")
     args = p.parse_args()
     if args.model is None:
         from flash_moe.demo import build
 
         args.model = build(progress=False, out=io.StringIO())
-    model = flash_moe.load(args.model, dtype=args.dtype, cache_experts=args.cache_experts)
-    model.generate(PROMPTS[0], max_tokens=8)  # warm-up: kernels, page cache
-    best = 0.0
-    for _ in range(args.rounds):
-        for r in model.stream_generate(PROMPTS[0], max_tokens=args.tokens):
-            last = r
-        best = max(best, last.generation_tps)
-    print(f"stream_generate alone: {best:.1f} tok/s decode ({last.generation_tokens} tokens)")
+    model = flash_moe.load(args.model, dtype=args.dtype, cache_experts=args.cache_experts, experts_per_token=args.k)
+    if args.cap_fraction is not None:
+        from benchmarks.decode import enter_memory_cap
+
+        layout = model.store.layout
+        limit = int(args.cap_fraction * len(layout.moe_layers) * layout.layer_bytes() + (1 << 30))
+        print("memory cap:", enter_memory_cap(str(limit)))
+    if not args.engine:
+        model.generate(PROMPTS[0], max_tokens=8)  # warm-up: kernels, page cache
+        best = 0.0
+        for _ in range(args.rounds):
+            for r in model.stream_generate(PROMPTS[0], max_tokens=args.tokens):
+                last = r
+            best = max(best, last.generation_tps)
+        print(f"stream_generate alone: {best:.1f} tok/s decode ({last.generation_tokens} tokens)")
     if not args.engine:
         model.close()
     print("| B | clients x tokens | aggregate tok/s | vs B=1 | per-client decode tok/s | median TTFT (ms) | "
@@ -150,7 +163,11 @@ def main():
     base = None
     for b in (int(x) for x in args.batches.split(",")):
         if args.engine:
-            run_engine(model, b, 4)  # warm-up
+            run_engine(model, b, 4)  # warm-up (kernels compile per shape)
+            if args.cap_fraction is not None:
+                from benchmarks.decode import drop_page_cache
+
+                drop_page_cache([model.store.folder / model.store.layout.layer_file(n) for n in model.store.layout.moe_layers])
             row = max((run_engine(model, b, args.tokens) for _ in range(args.rounds)), key=lambda r: r["tok_s"])
             base = base or row["tok_s"]
             print(f"| {b} | {b} x {args.tokens} | {row['tok_s']:.1f} | {row['tok_s'] / base:.2f}x | {row['decode']:.1f} | "
