@@ -67,7 +67,7 @@ class Batch:
         cache = prompt_cache if prompt_cache is not None else make_prompt_cache(self.model)
         start = cache.prepare(ids)
         prompt = mx.array(ids, mx.int32)
-        seq = BatchSequence(prompt=prompt, ids=ids, sampler=make_sampler(temperature, top_p, top_k, min_p),
+        seq = BatchSequence(prompt=prompt, ids=ids, sampler=make_sampler(temperature, top_p, top_k=top_k, min_p=min_p),
                             processors=make_logits_processors(repetition_penalty), keys=step_keys(seed),
                             cache=cache, cached_tokens=start, pos=start, tokens=prompt,
                             marks=sorted({p for p in checkpoint_at if start < p < len(ids) - 1} | {len(ids) - 1}))
@@ -187,7 +187,7 @@ def batch_generate(model, prompts: list, *, max_tokens: int = 256, stop=None, ma
     ``max_batch``: most sequences decoded at once (default: all). ``sampling``: ``temperature``, ``top_p``,
     ``top_k``, ``min_p``, ``repetition_penalty``, ``seed`` as ``generate`` takes them.
     """
-    from .generate import GeneratedText, TextStream, eos_token_ids, prompt_tokens
+    from .generation import GeneratedText, TextStream, eos_token_ids, prompt_tokens
 
     tok = model.tokenizer
     eos = eos_token_ids(model, tok)

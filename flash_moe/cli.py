@@ -3,29 +3,89 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import warnings
+
+from . import __version__
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
+    """An argparse type: a finite ``kind`` in [lo, hi] (open ends where asked); argparse names the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        bad = not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) \
+            or (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def _cache_spec(text: str) -> str:
+    """--cache-experts: checked here so the message names the flag; load() reads the text itself."""
+    try:
+        value = float(text) if text not in ("auto", "all") else 0.0
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"expected a count, a fraction in (0, 1), 'all' or 'auto', got {text!r}")
+    return text
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's num_experts_per_tok)")
+    p.add_argument("--max-tokens", type=_number(int, 1, what="at least 1"), default=256,
+                   help="most new tokens (default 256)")
+    p.add_argument("--temp", type=_number(float, 0, what="a finite number >= 0"), default=0.0,
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True, what="in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=_number(int, 0, what=">= 0"), default=0,
+                   help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=_number(float, 0, 1, what="in [0, 1]"), default=0.0,
+                   help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=_number(float, 0, lo_open=True, what="a finite number > 0"),
+                   default=None, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1, what="in 0..2**64-1"), default=0,
+                   help="sampling seed (default 0)")
+    p.add_argument("--k", type=_number(int, 1, what="at least 1"), default=None,
+                   help="experts per token (default: the model's num_experts_per_tok)")
+    p.add_argument("--strict-context", action="store_true",
+                   help="refuse a prompt longer than the model's context (default: warn and go on)")
 
 
 def _add_loading(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-experts", default="auto",
+    p.add_argument("--cache-experts", type=_cache_spec, default="auto",
                    help="experts kept in GPU memory (discrete GPUs): a count, a fraction of all experts, 'all', "
                         "or 'auto' (default: what fits on CUDA, none on Apple/CPU); 0 turns it off")
     p.add_argument("--direct-io", default="auto", choices=("auto", "on", "off"),
                    help="read experts around the page cache with O_DIRECT (default auto: when a GPU cache is in front)")
     p.add_argument("--preload", action="store_true",
                    help="fill the GPU expert cache before generating (progress bar; nothing to do without one)")
+
+
+def _loading_notes(args, model) -> None:
+    """Say when a loading flag has nothing to act on with this model on this machine."""
+    from .kernels import BACKEND
+
+    asked = [f for f, on in (("--cache-experts", args.cache_experts != "auto"), ("--preload", args.preload),
+                             ("--direct-io", args.direct_io != "auto")) if on]
+    if model.store is None and asked:
+        print(f"flash-moe: note: {', '.join(asked)} do nothing here: this folder is not converted, its experts "
+              "are all in memory", file=sys.stderr)
+    where = {"cuda": "on this CUDA GPU", "metal": "with Apple's unified memory"}.get(BACKEND, "with MLX on the CPU")
+    if model.store is not None and model.cache is None and args.preload:
+        print(f"flash-moe: note: --preload does nothing here: there is no device expert cache (--cache-experts "
+              f"{args.cache_experts} keeps none {where})", file=sys.stderr)
+    elif model.cache is not None and BACKEND != "cuda" and args.cache_experts not in ("auto", "0"):
+        print(f"flash-moe: note: there is no separate GPU memory {where}: --cache-experts keeps "
+              f"{model.cache.capacity} experts in RAM beside the page cache, which already holds them once read",
+              file=sys.stderr)
 
 
 def _loading(args) -> dict:
@@ -35,7 +95,8 @@ def _loading(args) -> dict:
 
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                strict_context=args.strict_context)
 
 
 def cmd_convert(args) -> None:
@@ -59,9 +120,11 @@ def cmd_verify(args) -> None:
 
 def cmd_generate(args) -> None:
     from . import load
+    from .generation import format_stats
     from .timing import PhaseTimer
 
     model = load(args.model, **_loading(args))
+    _loading_notes(args, model)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
     cache = None
@@ -77,9 +140,7 @@ def cmd_generate(args) -> None:
         print(f"[tool call] {call}")
     if last:
         cached = f" ({last.cached_tokens} cached)" if cache is not None else ""
-        print(f"prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | generation: "
-              f"{last.generation_tokens} tokens, {last.generation_tps:.2f} tok/s | peak memory {last.peak_memory:.2f} GB",
-              file=sys.stderr)
+        print(format_stats(last).replace(" tokens,", f" tokens{cached},", 1), file=sys.stderr)
     if timer:
         timer.uninstall()
         print(timer.table(), file=sys.stderr)
@@ -89,7 +150,12 @@ def _use_prompt_cache(args, model, prompt: str, chat):
     """``generate --prompt-cache FILE``: the prompt continues the text cached there, templated as it was."""
     from .prompt_cache import load_prompt_cache
 
-    cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    try:
+        cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-cache: {args.prompt_cache}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"--prompt-cache: {e}") from None
     cached_chat = info.get("chat") == "1"
     if "prompt" not in info:
         raise ValueError(f"--prompt-cache: {args.prompt_cache} has no prompt text (not made by flash-moe cache-prompt)")
@@ -102,7 +168,7 @@ def cmd_cache_prompt(args) -> None:
     import mlx.core as mx
 
     from . import load
-    from .generate import generate_step, open_prompt_tokens
+    from .generation import generate_step, open_prompt_tokens
     from .prompt_cache import save_prompt_cache
 
     model = load(args.model, **_loading(args))
@@ -114,7 +180,10 @@ def cmd_cache_prompt(args) -> None:
     cache = model.make_prompt_cache()
     for _ in generate_step(mx.array(ids, mx.int32), model, max_tokens=1, prompt_cache=cache):
         pass  # processes every prompt token (the one sampled token is not kept)
-    save_prompt_cache(args.out, cache, model, metadata={"prompt": text, "chat": str(int(chat))})
+    try:
+        save_prompt_cache(args.out, cache, model, metadata={"prompt": text, "chat": str(int(chat))})
+    except OSError as e:
+        raise ValueError(f"--out: cannot write {args.out} ({e.strerror or e})") from None
     print(f"{args.out}: {len(cache.tokens)} prompt tokens cached ({cache.nbytes / 2**20:.1f} MiB)")
 
 
@@ -152,15 +221,19 @@ def cmd_serve(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-moe", description="Run MoE LLMs larger than memory by streaming experts from SSD.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"flash-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="repack a checkpoint into resident weights + packed expert files")
     p.add_argument("src", help="local Hugging Face / mlx-community folder, or a hub id (owner/name)")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8, 16), help="expert bits (16 = unquantized)")
-    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), help="quantization group size")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="dtype of scales/biases and of unquantized weights")
+    p.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 8, 16),
+                   help="expert bits (16 = unquantized; default 4, or an MLX-quantized source's own)")
+    p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
+                   help="quantization group size (default 64, or an MLX-quantized source's own)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="dtype of scales/biases and of unquantized weights (default bfloat16, or an MLX-quantized "
+                        "source's scales' dtype)")
     p.add_argument("--resident-bits", type=int, default=None, choices=(4, 8),
                    help="also quantize big non-expert matrices (router and shared gate stay >= 8 bits)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -225,28 +298,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")
     p.add_argument("--prompt", default="def main", help="prompt (default: 'def main')")
-    p.add_argument("--max-tokens", type=int, default=80, help="tokens to generate (default 80)")
+    p.add_argument("--max-tokens", type=_number(int, 1, what="at least 1"), default=80,
+                   help="tokens to generate (default 80)")
     p.add_argument("--no-timing", action="store_true", help="skip the timing table")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+# load()'s Python arguments as the CLI spells them, for error messages that come from the library
+FLAG_NAMES = [(re.compile(r"\bdirect_io=False\b"), "--direct-io off"), (re.compile(r"\bdirect_io=True\b"), "--direct-io on"),
+              (re.compile(r"\bexperts_per_token\b"), "--k"), (re.compile(r"\bcache_experts\b"), "--cache-experts")]
+
+
+def _as_flags(message: str) -> str:
+    for pattern, flag in FLAG_NAMES:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"flash-moe: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.debug or os.environ.get("FLASH_MOE_DEBUG"):
-        args.func(args)
-        return
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        sys.exit("flash-moe: interrupted")
-    except SystemExit:
-        raise
-    except Exception as e:  # one clear line, not a traceback (--debug shows it)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"flash-moe {args.command}: error: {msg}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line, not a source location
+        if args.debug or os.environ.get("FLASH_MOE_DEBUG"):
+            args.func(args)
+            return
+        try:
+            args.func(args)
+        except KeyboardInterrupt:
+            sys.exit("flash-moe: interrupted")
+        except SystemExit:
+            raise
+        except Exception as e:  # one clear line, not a traceback (--debug shows it)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sys.exit(f"flash-moe {args.command}: error: {_as_flags(msg)}")
 
 
 if __name__ == "__main__":

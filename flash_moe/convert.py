@@ -152,7 +152,7 @@ def _pack_float(layout: ExpertLayout, weights: dict[str, np.ndarray]) -> dict[st
 
 def _write_layer(source: ExpertSource, layout: ExpertLayout, num_experts: int, path: Path, desc: str, progress: bool) -> list[str]:
     """Pack one layer into ``path`` (written as path.partial, renamed when complete); returns checksums."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     partial = path.with_name(path.name + ".partial")
     specs = layout.tensors
@@ -282,15 +282,18 @@ def resolve_source(src: str | Path, revision: str | None = None) -> Path:
     return resolve(src, revision, SOURCE_PATTERNS)
 
 
-def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 64, dtype: str = "bfloat16",
-            resident_bits: int | None = None, progress: bool = True, revision: str | None = None,
-            overwrite: bool = False) -> Path:
+def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_size: int | None = None,
+            dtype: str | None = None, resident_bits: int | None = None, progress: bool = True,
+            revision: str | None = None, overwrite: bool = False) -> Path:
     """Convert SRC (local folder or hub id) into a streamable flash_moe model folder DST.
 
+    An MLX-quantized source is repacked, never requantized: ``bits``, ``group_size`` and ``dtype`` default to
+    its own (its config's quantization and its scales' dtype); other values are refused.
+
     Args:
-        bits: expert bits (2, 3, 4, 8; 16 keeps them unquantized in ``dtype``).
-        group_size: quantization group size (32, 64, 128).
-        dtype: dtype of scales/biases, float weights and resident floats.
+        bits: expert bits (2, 3, 4, 8; 16 keeps them unquantized in ``dtype``). Default 4.
+        group_size: quantization group size (32, 64, 128). Default 64.
+        dtype: dtype of scales/biases, float weights and resident floats. Default bfloat16.
         resident_bits: quantize big non-expert matrices to 4 or 8 bits (router and shared-expert gate
             stay at >= 8); None keeps them in ``dtype``.
         overwrite: start over: remove what an earlier conversion left in DST (convert's own files only)
@@ -298,7 +301,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
     Returns:
         the DST path.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     src_path, dst = resolve_source(src, revision), Path(dst).expanduser()
     if dst.resolve() == src_path.resolve():
@@ -314,10 +317,16 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
     index = SafetensorsIndex(files)
     try:
         _check_tensors(index, data_starts)
-        layout = ExpertLayout(args.hidden_size, args.moe_intermediate_size, bits, group_size, dtype)
         moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
         sources = {i: ExpertSource(index, i, args.num_experts) for i in moe_layers}
         src_quant = config.get("quantization")
+        packed = next((s for s in sources.values() if s.kind == "mlx"), None)
+        if packed is not None:  # the source's own settings, so that its experts are copied as they are
+            bits = bits or (src_quant or {}).get("bits")
+            group_size = group_size or (src_quant or {}).get("group_size")
+            dtype = dtype or index.tensors[packed.prefix + "gate_proj.scales"].name
+        bits, group_size, dtype = bits or 4, group_size or 64, dtype or "bfloat16"
+        layout = ExpertLayout(args.hidden_size, args.moe_intermediate_size, bits, group_size, dtype)
         for i, s in sources.items():
             if s.kind == "mlx":
                 _check_mlx_source(src_path, i, s, src_quant or {}, bits, group_size, dtype, index, args)

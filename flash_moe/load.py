@@ -88,48 +88,38 @@ class LoadedModel:
 
     @property
     def tokenizer(self):
-        """The model's Hugging Face tokenizer (transformers' AutoTokenizer), loaded on first use."""
+        """The model's tokenizer (``flash_moe.tokenizer.Tokenizer``: tokenizer.json and the chat template, with
+        transformers' interface), loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from .tokenizer import Tokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: no usable tokenizer files ({e})") from None
+            self._tokenizer = Tokenizer.from_folder(self.path)
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
 
     @property
     def stats(self):
         """Expert I/O counters of the ExpertStore (None for resident experts): see ``IOStats``."""
         return self.store.stats if self.store is not None else None
 
-    def stream_generate(self, prompt, **kwargs):
-        """Yield ``GenerationResponse``s; arguments as ``generate``."""
-        from .generate import stream_generate
+    def stream_generate(self, *args, **kwargs):
+        """Yield ``GenerationResponse``s; arguments as ``flash_moe.generate`` after the model."""
+        from .generation import stream_generate
 
-        return stream_generate(self, prompt, **kwargs)
+        return stream_generate(self, *args, **kwargs)
 
-    def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
-                 seed: int = 0, tools=None, enable_thinking=None, chat=None, **kwargs):
-        """Complete ``prompt`` and return the text.
+    def generate(self, *args, **kwargs):
+        """The completion as a string; arguments as ``flash_moe.generate`` after the model."""
+        from .generation import generate
 
-        Args:
-            prompt: a string (encoded as is; ``chat=True`` wraps it as a user message), token ids, or a list of
-                chat messages (``{"role", "content"}``, tool results as ``{"role": "tool", ...}``), which go
-                through the model's chat template.
-            max_tokens: most new tokens. temperature, top_p, top_k, min_p: sampling (temperature 0 = greedy).
-            repetition_penalty: > 1 discourages repeats. stop: string(s) that end generation (not included).
-            seed: sampling seed (same seed, same text). tools: OpenAI-style tool schemas, offered to the model
-                and used to type the parsed calls' arguments. enable_thinking: passed to the chat template.
-        Returns:
-            the text (a ``str``) with ``.content``, ``.reasoning``, ``.tool_calls`` and ``.finish_reason``.
-        """
-        from .generate import generate
+        return generate(self, *args, **kwargs)
 
-        return generate(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed, tools=tools,
-                        enable_thinking=enable_thinking, chat=chat, **kwargs)
+    def __iter__(self):
+        # ``model, tokenizer = load(path)`` as mlx-lm's load is used; the tokenizer is read then
+        return iter((self, self.tokenizer))
 
     def close(self) -> None:
         if self.store is not None:

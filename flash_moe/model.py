@@ -53,6 +53,7 @@ class ModelArgs:
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
     eos_token_id: int | list[int] | None = None
+    max_position_embeddings: int | None = None  # the context it was trained for; longer prompts are warned about
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -6,7 +6,7 @@ state is a running sum over every token seen. So the cache snapshots the GDN sta
 few points of each prompt, and a prompt that diverges inside the cached tokens (a chat template that
 re-renders the last assistant turn without its thinking, a regenerated reply) restarts from the longest
 checkpoint at or before the divergence. A checkpoint is cheap for attention (an offset) and costs the GDN
-state for the rest (conv + recurrent state of every GDN layer; ~180 MB for Qwen3.5-397B's 45 layers):
+state for the rest (conv + recurrent state of every GDN layer; 192 MB for Qwen3.5-397B's 45 layers):
 their number is bounded (``max_checkpoints``, the newest are kept) and ``checkpoint_nbytes`` counts them.
 
 Usage::

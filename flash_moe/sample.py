@@ -56,33 +56,43 @@ def apply_top_p(logits: mx.array, top_p: float) -> mx.array:
     return mx.where(logits < threshold, -mx.inf, logits)
 
 
-def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
-    """Keep tokens whose probability is at least `min_p` times the top token's."""
+def apply_min_p(logits: mx.array, min_p: float, min_tokens_to_keep: int = 1) -> mx.array:
+    """Keep tokens whose probability is at least `min_p` times the top token's, and at least the
+    `min_tokens_to_keep` most likely ones."""
     if min_p <= 0.0:
         return logits
     threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
+    if min_tokens_to_keep > 1:
+        kth = mx.topk(logits, min(min_tokens_to_keep, logits.shape[-1]), axis=-1).min(axis=-1, keepdims=True)
+        threshold = mx.minimum(threshold, kth)
     return mx.where(logits < threshold, -mx.inf, logits)
 
 
 def make_sampler(
-    temperature: float = 0.0,
+    temp: float = 0.0,
     top_p: float = 1.0,
-    top_k: int = 0,
+    *,
     min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    temperature: Optional[float] = None,
 ) -> Sampler:
-    """Make a sampler `(logits, key) -> token ids`.
+    """Make a sampler `(logits, key) -> token ids`, called as mlx-lm's `make_sampler` is.
 
     Args:
-        temperature: Softmax temperature; 0 picks the argmax (the key is then unused).
-        top_p: Nucleus mass in (0, 1]; 1 disables it.
-        top_k: Keep the k most likely tokens; 0 disables it.
+        temp: Softmax temperature; 0 picks the argmax (the key is then unused).
+            `temperature` is the same, by its longer name.
+        top_p: Nucleus mass in (0, 1]; 1 disables it (mlx-lm's 0-for-off is refused).
         min_p: Drop tokens less likely than `min_p` times the top token, in [0, 1];
             0 disables it.
+        min_tokens_to_keep: min-p keeps at least this many of the most likely tokens.
+        top_k: Keep the k most likely tokens; 0 disables it.
 
     Returns:
-        A function of logits [..., V] and a PRNG key (`mx.random.key`) returning uint32
-        token ids of shape [...]. A key of None falls back to MLX's global generator.
+        A function of logits [..., V] and an optional PRNG key (`mx.random.key`) returning
+        uint32 token ids of shape [...]. A key of None falls back to MLX's global generator.
     """
+    temperature = temp if temperature is None else temperature
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -91,6 +101,8 @@ def make_sampler(
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
     if not 0.0 <= min_p <= 1.0:
         raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(f"min_tokens_to_keep must be a positive integer, got {min_tokens_to_keep!r}")
 
     if temperature == 0:
         return lambda logits, key=None: mx.argmax(logits, axis=-1)
@@ -99,7 +111,7 @@ def make_sampler(
         logits = logits.astype(mx.float32) * (1.0 / temperature)
         logits = apply_top_k(logits, top_k)
         logits = apply_top_p(logits, top_p)
-        logits = apply_min_p(logits, min_p)
+        logits = apply_min_p(logits, min_p, min_tokens_to_keep)
         return mx.random.categorical(logits, axis=-1, key=key)
 
     return sampler

@@ -400,7 +400,7 @@ class ExpertStore:
                     raise ValueError(
                         f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
                         f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
-                        f"{view.ctypes.data:#x}; read through the page cache (direct=False) instead"
+                        f"{view.ctypes.data:#x}; read through the page cache (direct_io=False) instead"
                     )
                 iov.append(memoryview(view[slot]).cast("B"))
                 pos = t.offset + t.nbytes

@@ -20,7 +20,7 @@ from flash_moe import load, load_prompt_cache, make_prompt_cache, save_prompt_ca
 from flash_moe.cache import ArraysCache
 from flash_moe.convert import convert
 from flash_moe.files import CheckpointError
-from flash_moe.generate import generate_step
+from flash_moe.generation import generate_step
 
 CONFIG = dict(hf_models.QWEN3_5_CONFIGS["interval4_e8_top2"], hidden_size=128, num_experts=16,
               num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64)
@@ -36,10 +36,19 @@ def folders(tmp_path_factory):
     return {"resident": hf, "streamed": conv}
 
 
-@pytest.fixture(scope="module", params=["resident", "streamed"])
+@pytest.fixture(scope="module", params=["resident", "streamed", "speculating"])
 def model(request, folders):
-    m = load(folders[request.param])
+    """``speculating``: streamed through a device expert cache of 56 of the 64 experts, every
+    one-token step a bet (``LoadedModel._speculative_step``): lost bets restore the layer caches."""
+    if request.param == "speculating":
+        m = load(folders["streamed"], cache_experts=56)
+        m.cache.should_speculate = lambda: True
+    else:
+        m = load(folders[request.param])
     yield m
+    if request.param == "speculating":
+        totals = m.cache.totals()
+        assert totals["speculated"] > totals["voided"] > 0, totals  # bets both held and lost
     m.close()
 
 
@@ -115,6 +124,35 @@ def test_prompt_equal_to_cached_ids(model, seed):
     cache, ids, got = turn_one(model, rng)
     check_turn(model, cache, list(ids), reused=len(ids) - 1, seed=seed, label="the same prompt")
     check_turn(model, cache, list(cache.tokens), reused=len(ids) - 1, seed=seed, label="the cached ids")
+
+
+def test_random_conversation(model, seed):
+    """Ten prompts, each an extension, a cut-and-diverge at a random point, the same ids, or something new,
+    with random checkpoint marks and a bound of 3 checkpoints: every turn equals a fresh run, and reuses
+    exactly the longest checkpoint (or the whole cache) at or before where it diverges."""
+    rng = np.random.default_rng(seed)
+    cache = make_prompt_cache(model, max_checkpoints=3)
+    for turn in range(10):
+        held = cache.tokens
+        kind = rng.choice(["extend", "diverge", "same", "new"]) if held else "new"
+        if kind == "extend":
+            ids = held + tokens(rng, int(rng.integers(1, 9)))
+        elif kind == "diverge":
+            at = int(rng.integers(0, len(held)))
+            ids = held[:at] + [(held[at] + 1) % VOCAB] + tokens(rng, int(rng.integers(0, 6)))
+        elif kind == "same":
+            ids = list(held)
+        else:
+            ids = tokens(rng, int(rng.integers(2, 20)))
+        common = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        limit = min(common, len(ids) - 1)
+        want = limit if limit == len(held) else max((c.length for c in cache.checkpoints if c.length <= limit), default=0)
+        mark = int(rng.integers(1, len(ids)))
+        assert cache.reusable(ids) == want, (turn, kind, seed_note(seed))
+        got, first, _ = run(model, ids, cache, max_tokens=int(rng.integers(1, 4)), checkpoint_at=(mark,))
+        fresh = run(model, ids, max_tokens=1)[1]
+        assert rel_err(first, fresh) <= TOL, (turn, kind, seed_note(seed))
+        assert cache.tokens == ids + got[:-1] and len(cache.checkpoints) <= 3, (turn, kind)
 
 
 def test_interrupted_forward_is_noticed(model, seed):
@@ -252,5 +290,11 @@ def test_cache_prompt_command(demo, demo_folder, tmp_path, capsys, seed):
     run = capsys.readouterr()
     assert run.out == demo.generate(doc + "why?", chat=True, max_tokens=6) + "\n"
     assert f"tokens ({n} cached)" in run.err, run.err
-    with pytest.raises(SystemExit, match="--raw: .* was cached with the chat template"):
-        main(["generate", "--model", str(demo_folder), "--prompt-cache", str(out), "--prompt", "x", "--raw"])
+    generate = ["generate", "--model", str(demo_folder), "--prompt", "x"]
+    for flags, error in ((["--prompt-cache", str(out), "--raw"], "--raw: .* was cached with the chat template"),
+                         (["--prompt-cache", str(tmp_path / "nope")], "--prompt-cache: .*nope: no such file"),
+                         (["--prompt-cache", str(out), "--k", "2"], "--prompt-cache: .*another model")):
+        with pytest.raises(SystemExit, match=error):
+            main(generate + flags)
+    with pytest.raises(SystemExit, match="--out: cannot write"):
+        main(["cache-prompt", "--model", str(demo_folder), "--prompt", "x", "--out", str(tmp_path / "no" / "f")])

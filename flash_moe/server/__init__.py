@@ -49,7 +49,7 @@ def make_state(model, *, max_batch: int = 8, max_queue: int | None = None, api_k
                engine=None):
     """The server's state around a loaded model (the worker is started by the app's lifespan); ``engine``
     replaces the worker's continuous-batching engine (tests script it)."""
-    from ..generate import eos_token_ids
+    from ..generation import eos_token_ids
     from .app import State
 
     metrics = Metrics()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generate import history_end, prompt_tokens
+from ..generation import history_end, prompt_tokens
 from ..tool_calls import THINK_START, TOOL_CALL_START, ToolCall, ToolCallStreamParser, tool_call_format
 
 

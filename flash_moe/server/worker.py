@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .. import generate as gen
+from .. import generation as gen
 
 
 class QueueFull(RuntimeError):

@@ -5,8 +5,10 @@ The engine sees token ids only; the tokenizer and chat template enter in ``strea
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,13 +27,14 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
 
     prompt_cache: a ``PromptCache`` (``make_prompt_cache``) kept between calls: the leading tokens of
         ``prompt`` it already holds are not processed again, and afterwards it holds the prompt and the
-        generated tokens but the last. Without one, a fresh cache lives for this call only.
+        generated tokens but the last. Without one, a fresh cache (no checkpoints) lives for this call only.
     checkpoint_at: prompt positions (besides the end of the prompt) where the cache snapshots its state,
         so a later prompt that diverges there restarts from it (``stream_generate`` passes the end of the
         chat history before the generation prompt).
     """
     sampler = sampler or make_sampler()
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    # Without a cache to keep, no checkpoints: they would hold a copy of the GDN state for nothing.
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_checkpoints=0)
     ids = prompt.tolist()
     tokens = prompt
     pos = cache.prepare(ids)
@@ -57,7 +60,7 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
-            logits = process(tokens, logits)
+            logits = process(tokens, logits[None])[0]  # [1, V] as mlx-lm's processors index it
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y = sampler(logprobs, next(keys)).reshape(1).astype(mx.int32)
         mx.eval(y, logprobs)
@@ -149,6 +152,11 @@ class TextStream:
 def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None,
                   add_generation_prompt: bool = True) -> list[int]:
     """A string is encoded as is (or chat-templated if ``chat``); a list of messages goes through the template."""
+    # A transformers tokenizer warns that a text longer than its model_max_length "will result in indexing
+    # errors", which is not so here; stream_generate says what holds instead (check_context_length).
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     if isinstance(prompt, str) and not chat:
         return tokenizer.encode(prompt, add_special_tokens=False)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [_message(m) for m in prompt]
@@ -212,15 +220,77 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return eos
 
 
-def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
-                    seed: int = 0, tools=None, enable_thinking=None, chat=None, prefill_step_size: int = 512,
-                    timer=None, prompt_cache=None, parse_tools: bool = True) -> Iterator[GenerationResponse]:
-    """Stream a completion of ``prompt`` (text, token ids, or chat messages). See ``LoadedModel.generate``.
+class ContextLengthWarning(UserWarning):
+    """A prompt longer than the model's ``max_position_embeddings``."""
+
+
+def check_context_length(model, n: int, strict: bool = False) -> None:
+    """Warn (or with ``strict`` raise) when ``n`` prompt tokens exceed the context the model was trained for."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit or n <= limit:
+        return
+    message = (f"the prompt has {n} tokens, more than the {limit} this model was trained for "
+               "(max_position_embeddings in config.json); output past that is unreliable")
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, ContextLengthWarning, stacklevel=3)
+
+
+def _call_form(model, args: tuple, prompt, tokenizer, name: str):
+    """``(prompt)``, or mlx-lm's ``(tokenizer, prompt)``; either may come by keyword. Returns (tokenizer, prompt)."""
+    if len(args) > 2 or (len(args) == 2 and (prompt is not None or tokenizer is not None)):
+        raise TypeError(f"{name}() takes (model, prompt) or (model, tokenizer, prompt)")
+    if len(args) == 2:
+        tokenizer, prompt = args
+    elif len(args) == 1 and prompt is None:
+        prompt = args[0]
+    elif len(args) == 1:
+        if tokenizer is not None:
+            raise TypeError(f"{name}() got the tokenizer twice")
+        tokenizer = args[0]
+    if prompt is None:
+        raise TypeError(f"{name}() needs a prompt")
+    tokenizer = model.tokenizer if tokenizer is None else tokenizer
+    if not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
+        raise TypeError(f"{name}(model, tokenizer, prompt): expected a tokenizer (model.tokenizer or one with "
+                        f"transformers' encode/decode/apply_chat_template), got {type(tokenizer).__name__}")
+    return tokenizer, prompt
+
+
+def _with_key(sampler):
+    """Our samplers take ``(logprobs, key)``; mlx-lm's take ``(logprobs)`` and draw from MLX's global state."""
+    try:
+        inspect.signature(sampler).bind(None, None)
+    except TypeError:
+        return lambda logprobs, key: sampler(logprobs)
+    except ValueError:  # no signature to read: assume ours
+        pass
+    return sampler
+
+
+def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int = 256, sampler=None,
+                    logits_processors=None, temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+                    stop=None, seed: int = 0, tools=None, enable_thinking=None, chat=None,
+                    prefill_step_size: int = 512, strict_context: bool = False, timer=None,
+                    temp: float | None = None, prompt_cache=None,
+                    parse_tools: bool = True) -> Iterator[GenerationResponse]:
+    """Stream a completion: ``stream_generate(model, prompt, ...)`` or mlx-lm's
+    ``stream_generate(model, tokenizer, prompt, ...)``. Arguments as ``generate``.
 
     ``prompt_cache``: a ``PromptCache`` reused across calls (see ``generate_step``); each response's
-    ``cached_tokens`` says how many prompt tokens it supplied."""
-    tok = model.tokenizer
+    ``cached_tokens`` says how many prompt tokens it supplied. ``parse_tools=False``: tool-call markup
+    stays text (nothing is parsed into calls)."""
+    tok, prompt = _call_form(model, args, prompt, tokenizer, "stream_generate")
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+    if temp is not None:
+        if temperature is not None:
+            raise TypeError("stream_generate() got both temp and temperature (they are the same)")
+        temperature = temp
+    filters = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    if sampler is not None and any(v is not None for v in filters.values()):
+        raise ValueError("pass either sampler= or temperature/top_p/top_k/min_p, not both")
     if isinstance(prompt, mx.array):
         ids = prompt.reshape(-1).tolist()
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -229,14 +299,17 @@ def stream_generate(model, prompt, *, max_tokens: int = 256, temperature: float 
         ids = prompt_tokens(tok, prompt, tools=tools, enable_thinking=enable_thinking, chat=chat)
     if not ids:
         raise ValueError("the prompt is empty")
+    check_context_length(model, len(ids), strict_context)
     cached, marks = 0, ()
     if prompt_cache is not None:
         cached = prompt_cache.reusable(ids)
         marks = history_end(tok, prompt, ids, tools=tools, enable_thinking=enable_thinking, chat=chat)
     stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     eos = eos_token_ids(model, tok)
-    sampler = make_sampler(temperature, top_p, top_k, min_p)
-    processors = make_logits_processors(repetition_penalty)
+    if sampler is None:
+        sampler = make_sampler(**{k: v for k, v in filters.items() if v is not None})
+    sampler = _with_key(sampler)
+    processors = list(logits_processors or []) + make_logits_processors(repetition_penalty)
     parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids), parse_tools=parse_tools)
     text, store = TextStream(tok, eos, stop, max_tokens), getattr(model, "store", None)
     n, tic = 0, time.perf_counter()
@@ -285,12 +358,49 @@ def _starts_in_thinking(tokenizer, ids: list[int]) -> bool:
     return tail.rstrip().endswith("<think>")
 
 
-def generate(model, prompt, **kwargs) -> GeneratedText:
-    """The whole completion as a string; ``.content``, ``.reasoning``, ``.tool_calls``, ``.finish_reason`` attached."""
+def format_stats(r: GenerationResponse) -> str:
+    """One line of prompt and generation speed and peak memory, as the CLI and ``verbose`` print it."""
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
+            f"tokens, {r.generation_tps:.2f} tok/s | peak memory {r.peak_memory:.2f} GB")
+
+
+def generate(model, *args, verbose: bool = False, **kwargs) -> GeneratedText:
+    """Complete a prompt and return the text: ``generate(model, prompt, ...)``, or as mlx-lm is called,
+    ``generate(model, tokenizer, prompt, ...)``.
+
+    Args:
+        model: what ``flash_moe.load`` returns.
+        tokenizer: optional; ``model.tokenizer`` when left out. One passed is used for encoding, the chat template
+            and decoding: it must be the model's (mlx-lm's or transformers' tokenizer of the same folder works).
+        prompt: a string (encoded as is; ``chat=True`` wraps it as a user message), token ids, or a list of chat
+            messages (``{"role", "content"}``, tool results as ``{"role": "tool", ...}``), which go through the
+            model's chat template.
+        max_tokens: most new tokens.
+        sampler: ``(logprobs, key) -> token`` (``flash_moe.make_sampler``; an mlx-lm sampler of one argument works
+            too, drawing from MLX's global random state). Or, instead of a sampler: ``temperature`` (alias
+            ``temp``; 0 = greedy, the default), ``top_p``, ``top_k``, ``min_p``.
+        logits_processors: ``(tokens, logits[1, V]) -> logits`` functions, applied in order (mlx-lm's work);
+            ``repetition_penalty`` (> 1 discourages repeats) adds one.
+        stop: string(s) that end generation (not included). seed: sampling seed (same seed, same text).
+        tools: OpenAI-style tool schemas, offered to the model and used to type the parsed calls' arguments.
+        enable_thinking: passed to the chat template.
+        strict_context: a prompt longer than the model's ``max_position_embeddings`` raises ValueError instead
+            of warning (``ContextLengthWarning``).
+        verbose: print the text as it is generated, then the speed and memory line.
+    Returns:
+        the text (a ``str``) with ``.content``, ``.reasoning``, ``.tool_calls``, ``.finish_reason`` and
+        ``.response`` (the last ``GenerationResponse``, with the token counts and speeds).
+    """
     text, content, reasoning, calls, last = "", "", "", [], None
-    for r in stream_generate(model, prompt, **kwargs):
+    for r in stream_generate(model, *args, **kwargs):
         text, content, reasoning, last = text + r.text, content + r.content, reasoning + r.reasoning, r
         calls += r.tool_calls
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+        if last:
+            print(format_stats(last))
     out = GeneratedText(text)
     out.content, out.reasoning, out.tool_calls = content, reasoning, calls
     out.finish_reason, out.response = (last.finish_reason if last else None), last
