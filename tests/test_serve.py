@@ -416,3 +416,17 @@ def test_engine_failure_is_reported_and_serving_goes_on(model):
                     pass
         assert oai(server).completions.create(model="demo", prompt="x", max_tokens=5).choices[0].text == "fine"
         assert metric(server, "flash_moe_engine_failures_total") == 3
+
+
+def test_forced_call_in_json_format():
+    """Qwen3's JSON tool-call format: a named tool_choice writes the call's opening; the parser sees it
+    first, so the model's continuation completes one call (unit test of turn.Output, no model)."""
+    from flash_moe.server.turn import Output, Turn
+
+    prefix = '<tool_call>\n{"name": "get_weather", "arguments": '
+    out = Output(Turn(ids=[1], max_tokens=9, sampling={}, tools=TOOLS, prefix=prefix))
+    ups = [out.feed(t, None) for t in ('{"city": ', '"Oslo", "days": "3"}', "}\n</tool_call>")]
+    ups.append(out.feed("", "stop"))
+    calls = [c for u in ups for c in u.calls]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Oslo", "days": 3})]
+    assert ups[-1].finish_reason == "tool_calls" and not any(u.content for u in ups)

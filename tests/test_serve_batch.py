@@ -57,9 +57,21 @@ def test_batch_generate_equals_alone(model, seed, sampling):
     assert batched_bytes < stats.snapshot().delta(before).totals()["bytes"]
 
 
-def test_batched_logprobs_equal_alone(model, seed):
+@pytest.fixture(scope="module")
+def speculating(demo_folder):
+    """Through a device expert cache of 56 of the 64 experts, every one-token step a bet
+    (``LoadedModel._speculative_step``): lost bets restore the layer caches, batched ones included."""
+    m = load(demo_folder, dtype="float32", cache_experts=56)
+    m.cache.should_speculate = lambda: True
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("kind", ["streamed", "speculating"])
+def test_batched_logprobs_equal_alone(request, kind, seed):
     """Every step's log-probabilities in a batch equal the solo run's (float32 rounding apart), sequences
     joining and leaving at different steps."""
+    model = request.getfixturevalue("model" if kind == "streamed" else "speculating")
     rng = random.Random(seed)
     prompts = random_prompts(rng, 6)
     n = 10
@@ -81,6 +93,9 @@ def test_batched_logprobs_equal_alone(model, seed):
             err = mx.abs(a - b).max().item()
             assert err < 1e-4, f"prompt {i} step {k}: logprob error {err} {seed_note(seed)}"
         assert len(got[i]) == len(solo_tokens[i])
+    if kind == "speculating":
+        totals = model.cache.totals()
+        assert totals["speculated"] > totals["voided"] > 0, totals  # bets both held and lost
 
 
 def test_union_of_experts_read_once(model, seed):
