@@ -204,7 +204,8 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from .server import parse_bytes, serve
 
-    for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens)):
+    for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-tokens", args.max_tokens)):
         if value is not None and value < (0 if flag == "--port" else 1):
             raise ValueError(f"{flag} {value}: must be {'>= 0' if flag == '--port' else '>= 1'}")
     try:
