@@ -17,18 +17,27 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .experts import ResidentExperts
 from .files import CheckpointError, inside, open_regular, read_json  # CheckpointError: imported from here by older code
 from .model import Model, ModelArgs, WeightError, sanitize
-
-
+from .safetensors_io import read_header
 
 
 def read_config(folder: str | Path) -> dict:
+    """config.json as a dict (a regular file, size-bounded); errors are CheckpointErrors naming it."""
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = read_json(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (is {folder} a model folder?)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def model_args(config: dict, folder: str | Path) -> ModelArgs:
+    """``ModelArgs`` of a folder's config.json: a bad value is a CheckpointError naming the file and the key."""
+    try:
+        return ModelArgs.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -64,6 +73,7 @@ def read_tensors(files: list[Path]) -> tuple[dict, dict]:
     """Lazily map every tensor; returns (key -> array, key -> file name)."""
     weights, where = {}, {}
     for f in files:
+        read_header(f)  # mx.load trusts the header: overlapping or shifted offsets would load as garbage
         try:
             tensors = mx.load(str(f))
         except Exception as e:  # mx.load raises a bare RuntimeError/ValueError on a bad header
@@ -142,10 +152,7 @@ def load_checkpoint(folder: str | Path, dtype=None, experts_factory=None) -> tup
     """A Hugging Face or mlx-community checkpoint folder -> (resident Model, config dict)."""
     folder = Path(folder)
     config = read_config(folder)
-    try:
-        args = ModelArgs.from_config(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    args = model_args(config, folder)
     raw, where = read_tensors(safetensors_files(folder))
     quant = quantization_of(config)
     hf = quant is None and not any(k.startswith("language_model.") for k in raw)  # mlx-community stores 1+w

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .files import CheckpointError
+from .model import check_token_ids
 from .prompt_cache import make_prompt_cache
 from .sample import make_logits_processors, make_sampler, step_keys
 from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
@@ -32,10 +35,13 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
         so a later prompt that diverges there restarts from it (``stream_generate`` passes the end of the
         chat history before the generation prompt).
     """
+    keys = step_keys(seed)  # checks the seed before any work
+    ids = prompt.tolist()
+    check_token_ids(ids, model.config.vocab_size)  # once: sampled ids are in range by construction
+    forward = getattr(model, "forward", model)  # the model call without its per-call id check
     sampler = sampler or make_sampler()
     # Without a cache to keep, no checkpoints: they would hold a copy of the GDN state for nothing.
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_checkpoints=0)
-    ids = prompt.tolist()
     tokens = prompt
     pos = cache.prepare(ids)
     if timer:
@@ -45,25 +51,30 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
     for stop in sorted({p for p in checkpoint_at if pos < p < len(ids) - 1} | {len(ids) - 1}):
         while pos < stop:
             n = min(prefill_step_size, stop - pos)
-            model(prompt[pos : pos + n][None], cache.layers)
+            forward(prompt[pos : pos + n][None], cache.layers)
             cache.extend(ids[pos : pos + n])
             mx.eval([c.state for c in cache.layers])
             pos += n
         cache.checkpoint()
     if timer:
         timer.start_decode()
-    keys, y, token = step_keys(seed), prompt[-1:], ids[-1]
-    for _ in range(max_tokens):
+    y, token = prompt[-1:], ids[-1]
+    for step in range(max_tokens):
         # float32: top-p's cumulative sum and the log-normaliser run over the whole vocabulary (bf16 loses both)
-        logits = model(y[None], cache.layers)[0, -1].astype(mx.float32)
+        logits = forward(y[None], cache.layers)[0, -1].astype(mx.float32)
         cache.extend((token,))
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
             logits = process(tokens, logits[None])[0]  # [1, V] as mlx-lm's processors index it
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        norm = mx.logsumexp(logits, keepdims=True)
+        logprobs = logits - norm
         y = sampler(logprobs, next(keys)).reshape(1).astype(mx.int32)
-        mx.eval(y, logprobs)
+        mx.eval(y, logprobs, norm)
+        if not math.isfinite(norm.item()):  # a NaN or +inf logit makes the normaliser non-finite; already synced
+            raise CheckpointError(
+                f"token {step + 1}: the model's logits are not finite ({norm.item()}): damaged weights? Run "
+                f"`flash-moe verify {getattr(model, 'path', 'MODEL')}`, or load with verify='full'")
         if timer:
             timer.mark_token()
         tokens = mx.concatenate([tokens, y])
@@ -291,14 +302,17 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     if sampler is not None and any(v is not None for v in filters.values()):
         raise ValueError("pass either sampler= or temperature/top_p/top_k/min_p, not both")
+    note = ""
     if isinstance(prompt, mx.array):
         ids = prompt.reshape(-1).tolist()
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         ids = list(prompt)
     else:
         ids = prompt_tokens(tok, prompt, tools=tools, enable_thinking=enable_thinking, chat=chat)
+        note = "; it came from the tokenizer, whose added tokens reach past the model's vocabulary"
     if not ids:
         raise ValueError("the prompt is empty")
+    check_token_ids(ids, model.config.vocab_size, note=note)
     check_context_length(model, len(ids), strict_context)
     cached, marks = 0, ()
     if prompt_cache is not None:
