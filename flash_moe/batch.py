@@ -12,11 +12,14 @@ greedy sequence in a batch produces what it produces alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .cache import ArraysCache, BatchKVCache, KVCache
+from .files import CheckpointError
+from .model import check_token_ids
 from .prompt_cache import PromptCache, make_prompt_cache
 from .sample import make_logits_processors, make_sampler, step_keys
 
@@ -47,6 +50,7 @@ class Batch:
 
     def __init__(self, model, prefill_step_size: int = 512):
         self.model, self.prefill_step_size = model, prefill_step_size
+        self.forward = getattr(model, "forward", model)  # the model call without its per-call id check
         self.prefilling: list[BatchSequence] = []
         self.running: list[BatchSequence] = []
         self.cache: list | None = None  # per layer: ArraysCache stacked on the batch axis, or BatchKVCache
@@ -64,6 +68,7 @@ class Batch:
         ids = list(ids)
         if not ids:
             raise ValueError("the prompt is empty")
+        check_token_ids(ids, self.model.config.vocab_size)  # once: sampled ids are in range by construction
         cache = prompt_cache if prompt_cache is not None else make_prompt_cache(self.model)
         start = cache.prepare(ids)
         prompt = mx.array(ids, mx.int32)
@@ -110,7 +115,7 @@ class Batch:
         # checkpoint at each mark (the last one: the end of the prompt, before its last token).
         if seq.pos < seq.marks[0]:
             n = min(self.prefill_step_size, seq.marks[0] - seq.pos)
-            self.model(seq.prompt[seq.pos : seq.pos + n][None], seq.cache.layers)
+            self.forward(seq.prompt[seq.pos : seq.pos + n][None], seq.cache.layers)
             seq.cache.extend(seq.ids[seq.pos : seq.pos + n])
             mx.eval([c.state for c in seq.cache.layers])
             seq.pos += n
@@ -140,16 +145,21 @@ class Batch:
 
     def _decode(self) -> list[tuple[BatchSequence, int, mx.array]]:
         tokens = mx.concatenate([s.last for s in self.running])[:, None]  # [B, 1]
-        logits = self.model(tokens, self.cache)[:, -1].astype(mx.float32)  # float32 as in generate_step
-        picked = []
+        logits = self.forward(tokens, self.cache)[:, -1].astype(mx.float32)  # float32 as in generate_step
+        picked, norms = [], []
         for i, s in enumerate(self.running):
             row = logits[i]
             for process in s.processors:
-                row = process(s.tokens, row)
-            logprobs = row - mx.logsumexp(row, keepdims=True)
+                row = process(s.tokens, row[None])[0]  # [1, V] as mlx-lm's processors index it
+            norms.append(mx.logsumexp(row, keepdims=True))
+            logprobs = row - norms[-1]
             y = s.sampler(logprobs, next(s.keys)).reshape(1).astype(mx.int32)
             picked.append((s, y, logprobs))
-        mx.eval([(y, lp) for _, y, lp in picked])
+        norms = mx.concatenate(norms)
+        mx.eval([(y, lp) for _, y, lp in picked], norms)
+        if not all(math.isfinite(v) for v in norms.tolist()):  # a NaN or +inf logit: damaged weights
+            raise CheckpointError(f"the model's logits are not finite ({norms.tolist()}): damaged weights? Run "
+                                  f"`flash-moe verify {getattr(self.model, 'path', 'MODEL')}`, or load with verify='full'")
         out = []
         for s, y, logprobs in picked:
             s.cache.extend((s.last_id,))  # the token just fed is now in the state

@@ -44,11 +44,11 @@ class LiveServer:
 class Script:
     """Stands in for the worker's engine (its generation seam): each added sequence writes the next scripted
     reply, token by token, ending it with <|im_end|>; ``endless(text)`` replies repeat until max_tokens or a
-    cancellation. ``gate`` (a threading.Event) holds every step until set. Everything after the engine runs
+    cancellation. ``gate`` (a threading.Event) holds every step until set; ``delay`` seconds pass per step. Everything after the engine runs
     as served: the worker's detokenizer and stop strings, the parser, the formats."""
 
-    def __init__(self, tokenizer, replies, *, gate=None):
-        self.tokenizer, self.gate = tokenizer, gate
+    def __init__(self, tokenizer, replies, *, gate=None, delay: float = 0.0):
+        self.tokenizer, self.gate, self.delay = tokenizer, gate, delay
         self.replies = list(replies)
         self.prompts, self.yielded, self.running = [], [], {}
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -76,6 +76,7 @@ class Script:
 
         if self.gate is not None:
             self.gate.wait(30)
+        time.sleep(self.delay)  # a model's pace, where a test needs one
         vocab = len(self.tokenizer)
         out = []
         for handle, state in self.running.items():
@@ -102,10 +103,10 @@ def endless(text: str) -> tuple:
 
 
 @contextlib.contextmanager
-def scripted(model, *replies, gate=None, **options):
+def scripted(model, *replies, gate=None, delay: float = 0.0, **options):
     """A live server whose engine is a Script of ``replies``: yields (server, script)."""
     from flash_moe.server import make_state
 
-    script = Script(model.tokenizer, replies, gate=gate)
+    script = Script(model.tokenizer, replies, gate=gate, delay=delay)
     with LiveServer(make_state(model, engine=script, **options)) as server:
         yield server, script

@@ -300,7 +300,7 @@ def test_bad_requests(server, model):
     for ids in ([1, 2, vocab], [-1]):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="demo", prompt=ids, max_tokens=2)
-        assert e.value.body["param"] == "prompt" and "vocabulary" in e.value.body["message"]
+        assert e.value.body["param"] == "prompt" and "out of range" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:  # past the context (4096 for the demo)
         client.completions.create(model="demo", prompt=[5] * server.state.context, max_tokens=2)
     assert "context" in e.value.body["message"]
@@ -354,7 +354,7 @@ def test_queue_full_429(model):
 
 def test_disconnect_frees_the_slot(model):
     """A client that leaves mid-stream stops its sequence at the next step; the next request gets the slot."""
-    with scripted(model, endless("spam "), "next", max_batch=1, max_queue=1) as (s, script):
+    with scripted(model, endless("spam "), "next", delay=0.005, max_batch=1, max_queue=1) as (s, script):
         client = oai(s)
         stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "go"}],
                                                 max_tokens=100000, stream=True, extra_body=NO_THINK)
@@ -362,7 +362,7 @@ def test_disconnect_frees_the_slot(model):
             pass
         stream.close()
         wait_for(lambda: script.yielded)  # the worker took the sequence out of the engine
-        assert script.yielded[0] < 1000
+        assert script.yielded[0] < 1000  # stopped long before max_tokens (the context: ~4080 tokens, 20 s)
         wait_for(lambda: metric(s, "flash_moe_requests_cancelled_total") == 1)
         assert metric(s, "flash_moe_active_sequences") == 0
         r = client.completions.create(model="demo", prompt="x", max_tokens=5)

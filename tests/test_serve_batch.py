@@ -37,7 +37,7 @@ def random_prompts(rng, n, vocab=4087):
     return [[rng.randrange(vocab) for _ in range(rng.choice([1, 2, rng.randint(3, 40)]))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 30}])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 30, "repetition_penalty": 1.3}])
 def test_batch_generate_equals_alone(model, seed, sampling):
     rng = random.Random(seed)
     prompts = random_prompts(rng, 8)

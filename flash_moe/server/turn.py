@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..generation import history_end, prompt_tokens
+from ..model import check_token_ids
 from ..tool_calls import THINK_START, TOOL_CALL_START, ToolCall, ToolCallStreamParser, tool_call_format
 
 
@@ -88,9 +89,11 @@ def check_length(ids: list[int], max_tokens: int | None, default_max_tokens: int
 
 
 def check_ids(ids: list[int], vocab: int, param: str = "prompt") -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise BadRequest(f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
+    """Token ids a client sent: out of range is a 400 naming the field (the model's own check, reworded)."""
+    try:
+        check_token_ids(ids, vocab)
+    except ValueError as e:
+        raise BadRequest(f"{param}: {e}", param) from None
 
 
 @dataclass
