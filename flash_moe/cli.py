@@ -1,4 +1,4 @@
-"""``flash-moe``: convert, verify, generate, chat, demo. Each subcommand maps its flags onto a function."""
+"""``flash-moe``: convert, verify, generate, chat, serve, demo. Each subcommand maps its flags onto a function."""
 
 from __future__ import annotations
 
@@ -201,6 +201,24 @@ def cmd_demo(args) -> None:
     run_demo(prompt=args.prompt, max_tokens=args.max_tokens, timing=not args.no_timing, rebuild=args.rebuild)
 
 
+def cmd_serve(args) -> None:
+    from .server import parse_bytes, serve
+
+    for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-tokens", args.max_tokens)):
+        if value is not None and value < (0 if flag == "--port" else 1):
+            raise ValueError(f"{flag} {value}: must be {'>= 0' if flag == '--port' else '>= 1'}")
+    try:
+        cache_bytes = parse_bytes(args.prompt_cache_bytes)
+    except ValueError as e:
+        raise ValueError(f"--prompt-cache-bytes: {e}") from None
+    options = _loading(args)
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          prompt_cache_bytes=cache_bytes, api_key=args.api_key or os.environ.get("FLASH_MOE_API_KEY"),
+          experts_per_token=options.pop("experts_per_token"), default_max_tokens=args.max_tokens,
+          load_options=options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-moe", description="Run MoE LLMs larger than memory by streaming experts from SSD.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -261,6 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     _add_loading(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI- and Anthropic-compatible HTTP server (needs the server extra)")
+    p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait for a slot before the server answers 429 (default 4 x max-batch)")
+    p.add_argument("--prompt-cache-bytes", default="8G",
+                   help="memory for prompt caches kept across requests, e.g. 8G, 512M, 0 = off (default 8G)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY or x-api-key: KEY); also FLASH_MOE_API_KEY")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="new tokens of a chat request that names no max_tokens (default 4096)")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's num_experts_per_tok)")
+    _add_loading(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")
     p.add_argument("--prompt", default="def main", help="prompt (default: 'def main')")

@@ -135,6 +135,31 @@ class StreamingDetokenizer:
         return new
 
 
+class TextStream:
+    """Generated token ids -> text deltas: incremental detokenizing, the end at eos or ``max_tokens``, and
+    stop strings cut off (text that may be the start of one is held back until the next token decides)."""
+
+    def __init__(self, tokenizer, eos: set, stop: list[str], max_tokens: int):
+        self.detok, self.eos, self.stop, self.max_tokens = StreamingDetokenizer(tokenizer), eos, stop, max_tokens
+        self.pending, self.n = "", 0
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """(new text, finish reason: "stop" | "length" | None)."""
+        self.n += 1
+        finish = "stop" if token in self.eos else "length" if self.n >= self.max_tokens else None
+        self.pending += "" if token in self.eos else self.detok.add(token)
+        if finish:
+            self.pending += self.detok.flush()
+        # A stop string may arrive split over several tokens: text that could begin one is held back.
+        cut = min((i for s in self.stop if (i := self.pending.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            delta, self.pending = self.pending[:cut], ""
+            return delta, "stop"
+        keep = _partial_tag_len(self.pending, self.stop) if self.stop and not finish else 0
+        delta, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return delta, finish
+
+
 def prompt_tokens(tokenizer, prompt, *, tools=None, enable_thinking=None, chat=None,
                   add_generation_prompt: bool = True) -> list[int]:
     """A string is encoded as is (or chat-templated if ``chat``); a list of messages goes through the template."""
@@ -292,7 +317,7 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
     cached, marks = 0, ()
     if prompt_cache is not None:
         cached = prompt_cache.reusable(ids)
-        marks = _history_end(tok, prompt, ids, tools=tools, enable_thinking=enable_thinking, chat=chat)
+        marks = history_end(tok, prompt, ids, tools=tools, enable_thinking=enable_thinking, chat=chat)
     stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
     eos = eos_token_ids(model, tok)
     if sampler is None:
@@ -300,8 +325,8 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
     sampler = _with_key(sampler)
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty)
     parser = ToolCallStreamParser(tools, in_reasoning=_starts_in_thinking(tok, ids), parse_tools=parse_tools)
-    detok, store = StreamingDetokenizer(tok), getattr(model, "store", None)
-    pending, n, tic = "", 0, time.perf_counter()  # pending: text that may be the start of a stop string
+    text, store = TextStream(tok, eos, stop, max_tokens), getattr(model, "store", None)
+    n, tic = 0, time.perf_counter()
     io_before = store.stats.snapshot() if store else None
     prompt_tps = 0.0
     mx.reset_peak_memory()
@@ -315,17 +340,7 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
         if store:
             now = store.stats.snapshot()
             io, io_before = now.delta(io_before).totals(), now
-        finish = "stop" if token in eos else "length" if n == max_tokens else None
-        pending += "" if token in eos else detok.add(token)
-        if finish:
-            pending += detok.flush()
-        # A stop string may arrive split over several tokens: text that could begin one is held back.
-        cut = min((i for s in stop if (i := pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            delta, pending, finish = pending[:cut], "", "stop"
-        else:
-            keep = _partial_tag_len(pending, stop) if stop and not finish else 0
-            delta, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        delta, finish = text.add(token)
         events = parser.feed(delta) + (parser.finish() if finish else [])
         yield GenerationResponse(
             text=delta, token=token, logprobs=logprobs, prompt_tokens=len(ids), prompt_tps=prompt_tps,
@@ -339,7 +354,7 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
             break
 
 
-def _history_end(tokenizer, prompt, ids: list[int], **template) -> tuple[int, ...]:
+def history_end(tokenizer, prompt, ids: list[int], **template) -> tuple[int, ...]:
     """Where a templated prompt's history ends and its generation prompt begins: the next turn's template
     may render the reply differently from what was generated (Qwen drops the thinking and the empty
     ``<think></think>``), so a prompt cache checkpoint there is where the next turn picks up."""
