@@ -137,6 +137,34 @@ def cmd_eval(args) -> None:
         plot(rows, args.plot)
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from . import load
+    from .eval.bench import bench, format_row
+
+    model = load(args.model, **_load_options(args))
+    quiet = args.json == "-"
+    show = (lambda i, row: None) if quiet else (lambda i, row: print(f"Trial {i + 1}:  {format_row(row)}", flush=True))
+    try:
+        result = bench(model, args.prompt_tokens, args.generation_tokens, args.num_trials, k=args.k, seed=args.seed,
+                       on_trial=show)
+    finally:
+        model.close()
+    if not quiet:
+        print(f"Averages: {format_row(result['average'])}")
+    if args.json:
+        from .eval.report import finite
+
+        text = json.dumps(finite(result), indent=1)
+        if quiet:
+            print(text)
+        else:
+            from .files import atomic_write
+
+            atomic_write(args.json, text.encode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-moe", description="Run MoE LLMs larger than memory by streaming experts from SSD.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -200,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=256, help="most tokens per tool-call reply (default 256)")
     _add_loading(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prompt and generation tok/s, peak memory and expert I/O on random prompts",
+                       description="Benchmark a model like mlx_lm.benchmark: per trial and averaged prompt_tps, "
+                                   "generation_tps, peak_memory (GB), plus experts and bytes read per generated "
+                                   "token and the page-cache and device-cache hit rates.")
+    p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="random prompt length (default 512)")
+    p.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--num-trials", type=int, default=3, help="trials (default 3)")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--json", nargs="?", const="-", default=None,
+                   help="print the results as JSON instead (or write them to the given file)")
+    _add_loading(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")
     p.add_argument("--prompt", default="def main", help="prompt (default: 'def main')")

@@ -26,11 +26,19 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def finite(value):
+    """``value`` with every NaN or infinite float (a quantity that could not be measured) made None: JSON has none."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(rows, path: str | Path) -> None:
     """JSON rows ``{model, bits, k, perplexity, kl, top1, bytes_per_token, tok_per_s, tokens, ...}``
     (a value that could not be measured is null)."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-    atomic_write_json(Path(path), [{k: clean(v) for k, v in r.as_dict().items()} for r in rows])
+    atomic_write_json(Path(path), finite([r.as_dict() for r in rows]))
 
 
 def plot(rows, path: str | Path, title: str = "perplexity against expert bytes per token") -> None:
