@@ -96,7 +96,7 @@ def parse_reference(spec: str | None, models: list[str]) -> tuple[str, int | Non
         raise ValueError(f"--reference {spec}: expected MODEL@K with K an integer") from None
 
 
-class _Loaded:
+class OneAtATime:
     """Models loaded one at a time (a 397B model's resident part is large): the current one stays loaded."""
 
     def __init__(self, load_options: dict):
@@ -118,7 +118,7 @@ class _Loaded:
         self.name = self.model = None
 
 
-def _label(model) -> str:
+def label(model) -> str:
     return str(model) if isinstance(model, (str, Path)) else str(model.path)
 
 
@@ -148,7 +148,7 @@ def evaluate(models, data=None, *, k=None, reference=None, context: int = 2048, 
         raise ValueError("--model: give at least one model")
     ks = [None] if k is None else ([k] if isinstance(k, int) else list(k))
     ref_model, ref_k = reference if isinstance(reference, tuple) else parse_reference(reference, models)
-    loaded = _Loaded(load_options or {})
+    loaded = OneAtATime(load_options or {})
     try:
         ref = loaded.get(ref_model)
         ref_k = ref_k or ref.experts_per_token
@@ -161,19 +161,19 @@ def evaluate(models, data=None, *, k=None, reference=None, context: int = 2048, 
             for m, kk in runs:
                 model = loaded.get(m)
                 kk = kk or model.experts_per_token
-                if (_label(m), kk) in done:  # the reference again, or a K listed twice
+                if (label(m), kk) in done:  # the reference again, or a K listed twice
                     bar.total -= len(spans)
                     continue
-                done.add((_label(m), kk))
+                done.add((label(m), kk))
                 if not 1 <= kk <= model.config.num_experts:
                     flag = "--reference" if store is None else "--k"
-                    raise ValueError(f"{flag} {kk}: {_label(m)} has {model.config.num_experts} experts")
+                    raise ValueError(f"{flag} {kk}: {label(m)} has {model.config.num_experts} experts")
                 if store is None:  # the reference run: keep its log-probabilities
                     store = np.memmap(f, np.float32, "w+", shape=(len(ids) - 1, model.config.vocab_size))
                 elif model.config.vocab_size != store.shape[1]:
-                    raise ValueError(f"--model {_label(m)}: vocabulary of {model.config.vocab_size} tokens, the "
+                    raise ValueError(f"--model {label(m)}: vocabulary of {model.config.vocab_size} tokens, the "
                                      f"reference has {store.shape[1]}; KL needs one tokenizer")
-                rows.append(_run(model, _label(m), kk, ids, spans, store, not rows, decode_tokens, bar))
+                rows.append(_run(model, label(m), kk, ids, spans, store, not rows, decode_tokens, bar))
             del store
     finally:
         loaded.close()
