@@ -195,7 +195,7 @@ def _token_ids(model, data, max_tokens) -> list[int]:
     return ids
 
 
-def _run(model, label, k, ids, spans, ref, is_ref, decode_tokens, bar) -> Row:
+def _run(model, name, k, ids, spans, ref, is_ref, decode_tokens, bar) -> Row:
     before = model.experts_per_token
     model.set_experts_per_token(k)
     try:
@@ -217,7 +217,7 @@ def _run(model, label, k, ids, spans, ref, is_ref, decode_tokens, bar) -> Row:
             bar.update(1)
         n = len(ids) - 1
         bytes_per_token, tok_per_s = _decode_cost(model, ids, decode_tokens)
-        return Row(label, expert_bits(model), k, math.exp(nll / n), 0.0 if is_ref else kl / n,
+        return Row(name, expert_bits(model), k, math.exp(nll / n), 0.0 if is_ref else kl / n,
                    1.0 if is_ref else agree / n, bytes_per_token, tok_per_s, n, nll / n, is_ref)
     finally:
         model.set_experts_per_token(before)
