@@ -197,3 +197,12 @@ def test_cli_eval_errors_name_the_flag(demo_folder, capsys):
         main(["eval", "--model", str(demo_folder), "--reference", f"{demo_folder}@x"])
     with pytest.raises(SystemExit, match="--k 17: .* has 16 experts"):
         main(["eval", "--model", str(demo_folder), "--k", "17", "--max-tokens", "40"])
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
+    from flash_moe.eval import Row
+    from flash_moe.eval.report import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ValueError, match=r"--plot needs matplotlib \(pip install 'flash-moe\[eval\]'\)"):
+        plot([Row("m", 4, 4, 2.0, 0.0, 1.0, 1e3, 10.0, 9)], tmp_path / "p.png")

@@ -51,15 +51,21 @@ def plot(rows, path: str | Path, title: str = "perplexity against expert bytes p
     except ImportError:
         raise ValueError("--plot needs matplotlib (pip install 'flash-moe[eval]')") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in dict.fromkeys(r.model for r in rows):
+    names = list(dict.fromkeys(r.model for r in rows))
+    xs = []
+    for n, model in enumerate(names):
         mine = sorted((r for r in rows if r.model == model and r.bytes_per_token is not None), key=lambda r: r.k)
         if not mine:
             continue
         bits = mine[0].bits
         x, y = [r.bytes_per_token / 1e6 for r in mine], [r.perplexity for r in mine]
+        xs += x
         ax.plot(x, y, marker="o", label=f"{Path(model).name} ({bits}-bit)" if bits else Path(model).name)
-        for r, xi, yi in zip(mine, x, y):
-            ax.annotate(f"K={r.k}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if n == 0 or len(names) <= 2:  # more labels would cover the lines; each line runs in K order
+            for r, xi, yi in zip(mine, x, y):
+                ax.annotate(f"K={r.k}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 8:
+        ax.set_xscale("log")
     ax.set_xlabel("expert MB read per token")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
