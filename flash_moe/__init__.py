@@ -7,6 +7,7 @@ The top level is shaped like mlx-lm's: ``load``, ``generate``, ``stream_generate
 from .batch import batch_generate
 from .convert import convert
 from .generation import GenerationResponse, generate, stream_generate
+from .eval import evaluate
 from .load import LoadedModel, load
 from .prompt_cache import PromptCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 from .sample import make_logits_processors, make_sampler
@@ -21,5 +22,5 @@ def serve(model, **kwargs) -> None:
 
 __all__ = ["load", "generate", "stream_generate", "batch_generate", "serve", "convert", "make_sampler",
            "make_logits_processors", "GenerationResponse", "LoadedModel", "make_prompt_cache", "save_prompt_cache",
-           "load_prompt_cache", "PromptCache"]
+           "load_prompt_cache", "PromptCache", "evaluate"]
 __version__ = "0.1.0"

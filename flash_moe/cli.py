@@ -1,4 +1,4 @@
-"""``flash-moe``: convert, verify, generate, chat, serve, demo. Each subcommand maps its flags onto a function."""
+"""``flash-moe``: convert, verify, generate, chat, serve, eval, bench, demo. Each subcommand maps its flags onto a function."""
 
 from __future__ import annotations
 
@@ -218,6 +218,75 @@ def cmd_serve(args) -> None:
           experts_per_token=options.pop("experts_per_token"), default_max_tokens=args.max_tokens,
           load_options=options)
 
+def _k_list(text: str) -> list[int]:
+    """``1,2,4,10`` or ``1-16`` (or a mix) -> sorted distinct ints."""
+    out = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K values like 1,2,4,10 or 1-16, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"K values must be positive, got {text!r}")
+    return sorted(out)
+
+
+def _load_options(args) -> dict:
+    return dict(cache_experts=args.cache_experts, direct_io={"auto": "auto", "on": True, "off": False}[args.direct_io],
+                preload=args.preload)
+
+
+def cmd_eval(args) -> None:
+    from .eval import evaluate
+    from .eval.report import plot, table, write_json
+
+    models = args.model
+    if args.tool_calls:
+        from .eval.tools import evaluate_tool_calls, tool_table
+
+        rows = evaluate_tool_calls(models, suite=args.suite, k=args.k, max_tokens=args.gen_tokens,
+                                   load_options=_load_options(args))
+        print(tool_table(rows))
+        if args.json:
+            write_json(rows, args.json)
+        return
+    rows = evaluate(models, args.data, k=args.k, reference=args.reference, context=args.context, stride=args.stride,
+                    max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, load_options=_load_options(args))
+    print(table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    from . import load
+    from .eval.bench import bench, format_row
+
+    model = load(args.model, **_load_options(args))
+    quiet = args.json == "-"
+    show = (lambda i, row: None) if quiet else (lambda i, row: print(f"Trial {i + 1}:  {format_row(row)}", flush=True))
+    try:
+        result = bench(model, args.prompt_tokens, args.generation_tokens, args.num_trials, k=args.k, seed=args.seed,
+                       on_trial=show)
+    finally:
+        model.close()
+    if not quiet:
+        print(f"Averages: {format_row(result['average'])}")
+    if args.json:
+        from .eval.report import finite
+
+        text = json.dumps(finite(result), indent=1)
+        if quiet:
+            print(text)
+        else:
+            from .files import atomic_write
+
+            atomic_write(args.json, text.encode())
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flash-moe", description="Run MoE LLMs larger than memory by streaming experts from SSD.")
@@ -296,6 +365,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's num_experts_per_tok)")
     _add_loading(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="perplexity, KL and top-1 vs a reference, and cost, for models x K (or --tool-calls)",
+                       description="Score models (e.g. conversions at several bits) and experts-per-token values on a "
+                                   "text: perplexity, KL(reference || model) per token, top-1 agreement with the "
+                                   "reference, expert bytes read per decoded token, decoded tok/s.")
+    p.add_argument("--model", action="append", required=True,
+                   help="model folder or hub id; repeat to compare several (e.g. one source at 2, 3, 4, 8 bits)")
+    p.add_argument("--data", default=None,
+                   help="text or JSONL ({\"text\": ...} rows) file, or hub:NAME[:CONFIG][@SPLIT] through the datasets "
+                        "package (hub:wikitext2 = WikiText-2 test); default: the bundled sample (offline)")
+    p.add_argument("--k", type=_k_list, default=None, help="experts per token to try: 1,2,4,10 or 1-16 (default: the model's)")
+    p.add_argument("--reference", default=None, help="MODEL@K for KL and top-1 (default: the first --model at its config's K)")
+    p.add_argument("--context", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--stride", type=int, default=1024, help="step between windows (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the data")
+    p.add_argument("--decode-tokens", type=int, default=16,
+                   help="tokens decoded one by one per run to measure bytes/token and tok/s (default 16; 0 skips)")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--plot", default=None, help="plot perplexity against bytes per token into this PNG (matplotlib)")
+    p.add_argument("--tool-calls", action="store_true", help="score tool-call validity on the bundled suite instead")
+    p.add_argument("--suite", default=None, help="tool-call suite JSONL (default: the bundled one)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="most tokens per tool-call reply (default 256)")
+    _add_loading(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prompt and generation tok/s, peak memory and expert I/O on random prompts",
+                       description="Benchmark a model like mlx_lm.benchmark: per trial and averaged prompt_tps, "
+                                   "generation_tps, peak_memory (GB), plus experts and bytes read per generated "
+                                   "token and the page-cache and device-cache hit rates.")
+    p.add_argument("--model", required=True, help="converted folder, HF checkpoint folder, or hub id")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="random prompt length (default 512)")
+    p.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--num-trials", type=int, default=3, help="trials (default 3)")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--json", nargs="?", const="-", default=None,
+                   help="print the results as JSON instead (or write them to the given file)")
+    _add_loading(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="build (once), convert and run the built-in demo model, offline")
     p.add_argument("--prompt", default="def main", help="prompt (default: 'def main')")
