@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import CheckpointError, read_config, safetensors_files
+from .families import is_family
 from .layout import ExpertLayout, ModelLayout, expert_checksum as checksum
 from .model import ModelArgs, _rename, sanitize
 from .safetensors_io import SafetensorsIndex
@@ -234,6 +235,11 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int 
 
     src_path, dst = resolve_source(src, revision), Path(dst).expanduser()
     config = read_config(src_path)
+    if is_family(config):  # a model mlx-lm implements: its sanitize names the experts
+        from .convert_families import convert_family
+
+        return convert_family(src_path, dst, config, bits=bits, group_size=group_size, dtype=dtype,
+                              resident_bits=resident_bits, progress=progress)
     args = ModelArgs.from_config(config)
     files = safetensors_files(src_path)
     index = SafetensorsIndex(files)

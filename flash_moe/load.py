@@ -231,10 +231,14 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
     from .experts import ResidentExperts
+    from .families import is_family, load_family
     from .store import ExpertStore, direct_readable
     from .streaming import StreamingExperts
 
     config = read_config(path)
+    if is_family(config):  # a model mlx-lm implements, its experts streamed through its SwitchGLU seam
+        return load_family(path, config, dtype=dtype, slots=slots, threads=threads, stream=stream,
+                           cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io)
     args = ModelArgs.from_config(config)
     layout = ModelLayout.read(path)
     check_layout(layout, args, path)

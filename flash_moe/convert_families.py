@@ -1,0 +1,151 @@
+"""Convert a Hugging Face checkpoint of a family mlx-lm implements into flash_moe's streaming format.
+
+mlx-lm's model class names and stacks the experts (its ``sanitize``); flash_moe packs them
+(docs/format.md). One decoder layer at a time: the layer's source tensors are sanitized alone
+(relabelled as layer 0, the layer every family's ``sanitize`` recognises a checkpoint's naming by),
+its stacked experts are packed, one projection in memory at a time, and its other tensors join the
+resident weights. Peak memory is about one layer's experts plus the resident weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import read_tensors, safetensors_files
+from .files import CheckpointError, atomic_write_json
+from .layout import PROJECTIONS, ExpertLayout, ModelLayout, expert_checksum
+from .families import architecture, check_form, expert_shape, layer_of, model_args, switches
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+BATCH = 8  # experts quantized per call
+
+
+def _storage(a: mx.array) -> np.ndarray:
+    """Host bytes of an array (bfloat16 as its uint16 storage: numpy has no bfloat16)."""
+    return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+
+
+def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path) -> list[str]:
+    """Write one layer file from ``stacked["gate_proj" | "up_proj" | "down_proj"]`` (E, out, in), quantized
+    (or cast) as ``layout`` says; written as ``path.partial`` and renamed when complete. Returns checksums.
+
+    Projection by projection: only one stacked projection is evaluated at a time."""
+    num_experts = stacked["gate_proj"].shape[0]
+    dtype = getattr(mx, layout.dtype)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, num_experts * layout.stride)
+        for proj in PROJECTIONS:
+            w = stacked.pop(proj).astype(dtype)
+            mx.eval(w)
+            for first in range(0, num_experts, BATCH):
+                part = w[first : first + BATCH]
+                if layout.quantized:
+                    arrays = dict(zip(("weight", "scales", "biases"),
+                                      mx.quantize(part, group_size=layout.group_size, bits=layout.bits)))
+                else:
+                    arrays = {"weight": part}
+                for kind, a in arrays.items():
+                    spec = layout.tensor(f"{proj}.{kind}")
+                    rows = _storage(a).reshape(a.shape[0], -1).view(np.uint8)
+                    if rows.shape[1] != spec.nbytes:
+                        raise CheckpointError(f"{path.name}: {proj}.{kind} has {rows.shape[1]} bytes an expert, "
+                                              f"the layout expects {spec.nbytes}")
+                    for i, row in enumerate(rows):
+                        os.pwrite(fd, row.tobytes(), (first + i) * layout.stride + spec.offset)
+            del w
+        sums = [expert_checksum(os.pread(fd, layout.expert_bytes, e * layout.stride)) for e in range(num_experts)]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+    return sums
+
+
+def relabel(weights: dict, old: int, new: int) -> dict:
+    a, b = f"model.layers.{old}.", f"model.layers.{new}."
+    return {(b + k[len(a):] if k.startswith(a) else k): v for k, v in weights.items()}
+
+
+def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_size: int = 64,
+                   dtype: str = "bfloat16", resident_bits: int | None = None, progress: bool = True) -> Path:
+    """``flash_moe.convert`` for a family mlx-lm implements (same arguments; see ``convert``)."""
+    from tqdm.auto import tqdm
+
+    from .convert import TOKENIZER_FILES
+
+    if resident_bits:
+        raise CheckpointError(f"{src}: --resident-bits is not supported yet for {config.get('model_type')} "
+                              "(mlx-lm family); convert without it")
+    where = src / "config.json"
+    arch = architecture(config, where)
+    model = arch.Model(model_args(arch, config, where))  # for sanitize and the module tree; never evaluated
+    found = switches(model)
+    if not found:
+        raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} has no SwitchGLU routed experts to stream")
+    for p, s in found.items():
+        check_form(p, s, where)
+    by_layer = {layer_of(p): p for p in found}
+    num_experts, hidden, intermediate = expert_shape(next(iter(found.values())))
+    layout = ExpertLayout(hidden, intermediate, bits, group_size, dtype)
+    num_layers = len(model.layers)
+
+    weights, where_from = read_tensors(safetensors_files(src))  # lazy: a tensor is read when evaluated
+    groups: dict[int | None, dict] = {}
+    for k, v in weights.items():
+        m = LAYER.match(k)
+        if m and int(m.group(1)) >= num_layers:
+            continue  # multi-token-prediction layers: generation does not use them
+        groups.setdefault(int(m.group(1)) if m else None, {})[k] = v
+    del weights
+
+    target = getattr(mx, dtype)
+    keep = getattr(model, "cast_predicate", None) or (lambda k: True)
+    resident, checksums = {}, {}
+    (dst / "experts").mkdir(parents=True, exist_ok=True)
+    for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
+                      disable=not progress):
+        part = groups.pop(layer)
+        if layer is not None:
+            part = relabel(model.sanitize(relabel(part, layer, 0)), 0, layer)
+        else:
+            part = model.sanitize(part)
+        if layer in by_layer:
+            prefix = by_layer[layer] + "."
+            stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}
+            names = {f"{p}.weight" for p in PROJECTIONS}
+            if set(stacked) != names:
+                got = sorted(stacked) or "none"
+                raise CheckpointError(f"{src}: layer {layer}: expected stacked experts {sorted(names)} under "
+                                      f"{prefix[:-1]} after mlx-lm's sanitize, got {got} (an MLX-quantized source?)")
+            stacked = {k.split(".")[0]: v for k, v in stacked.items()}
+            shape = (stacked["gate_proj"].shape[0], stacked["gate_proj"].shape[2], stacked["gate_proj"].shape[1])
+            if shape != (num_experts, hidden, intermediate):
+                raise CheckpointError(f"{src}: layer {layer}: experts of shape (experts, hidden, intermediate) "
+                                      f"{shape}, config.json says {(num_experts, hidden, intermediate)}")
+            checksums[layer] = pack_experts(stacked, layout, dst / ModelLayout.layer_file(layer))
+        for k, v in part.items():
+            resident[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v
+        mx.eval(list(resident.values()))  # this layer's source tensors are released here
+    if set(checksums) != set(by_layer):
+        missing = sorted(set(by_layer) - set(checksums))
+        raise CheckpointError(f"{src}: no tensors for MoE layer {missing[0]} in {', '.join(sorted(set(where_from.values())))}")
+
+    partial = dst / "resident.partial.safetensors"  # mx.save_safetensors wants the suffix
+    mx.save_safetensors(str(partial), resident, metadata={"format": "mlx", "producer": "flash_moe"})
+    os.replace(partial, dst / "resident.safetensors")
+    out_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype, "via": "mlx-lm"}
+    atomic_write_json(dst / "config.json", out_config)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    atomic_write_json(dst / "layout.json", ModelLayout(layout, num_experts, sorted(checksums), checksums).to_json())
+    return dst

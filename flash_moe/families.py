@@ -1,0 +1,267 @@
+"""Every MoE family mlx-lm implements, with its routed experts streamed.
+
+mlx-lm's MoE models all reach their routed experts through one seam: the MoE block routes, calls a
+``SwitchGLU`` (mlx_lm/models/switch_layers.py; ``switch_mlp`` in most models) as
+``(x [..., D], indices [..., K]) -> [..., K, D]`` and weights the K outputs itself. Here mlx-lm
+builds the model from config.json, every SwitchGLU is swapped, before anything is evaluated, for a
+``StreamedSwitch`` with the same call that reads the layer's experts from our packed files (an
+``ExpertStore``), and everything else loads from ``resident.safetensors``. Routing, shared experts,
+attention and the KV cache stay mlx-lm's own, so each family routes as it was trained to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .files import CheckpointError
+from .load import LoadedModel, cache_capacity, read_packed_experts, slot_buffers
+from .model import SUPPORTED_MODEL_TYPES
+
+EXTRA = 'pip install "flash-moe[mlx-lm]"'
+# Names a transformers-5 config.json uses for fields mlx-lm's ModelArgs read under their released name.
+ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
+# Optional in the released configs, but required (no default) by some ModelArgs.
+OPTIONAL = {"rope_scaling": None}
+ROUTING_ATTRS = ("top_k", "num_experts_per_tok")  # what the families' routers read K from
+
+
+def is_family(config: dict) -> bool:
+    """A model flash_moe does not implement itself: it runs through mlx-lm's model of its type."""
+    return config.get("model_type") not in SUPPORTED_MODEL_TYPES
+
+
+def architecture(config: dict, where: Path | str):
+    """mlx-lm's module for this config's ``model_type`` (its ``Model``, ``ModelArgs``), or a one-line error."""
+    model_type = config.get("model_type")
+    try:
+        from mlx_lm.utils import MODEL_REMAPPING
+    except ImportError:
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} runs through mlx-lm, which is not installed; {EXTRA}"
+        ) from None
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not a model flash_moe or mlx-lm implements")
+    try:
+        return importlib.import_module(f"mlx_lm.models.{name}")
+    except ImportError:
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not a model flash_moe or mlx-lm implements"
+        ) from None
+
+
+def model_args(arch, config: dict, where: Path | str):
+    """mlx-lm's ModelArgs from a released or a transformers-5 config.json (``rope_parameters``, renamed
+    expert counts), with a one-line error naming a missing field."""
+    cfg = dict(config)
+    rope = cfg.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key not in cfg and key in rope:
+            cfg[key] = rope[key]
+    if cfg.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rope
+    fields = inspect.signature(arch.ModelArgs).parameters
+    for name, alias in ALIASES.items():
+        if name in fields and name not in cfg and alias in cfg:
+            cfg[name] = cfg[alias]
+    for name, value in OPTIONAL.items():
+        cfg.setdefault(name, value)
+    missing = [n for n, p in fields.items() if p.default is inspect.Parameter.empty and n not in cfg]
+    if missing:
+        raise CheckpointError(f"{where}: config.json lacks {missing[0]!r}, which mlx-lm's {cfg.get('model_type')} needs")
+    return arch.ModelArgs.from_dict(cfg)
+
+
+def layer_of(path: str) -> int:
+    parts = path.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def switches(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> each SwitchGLU of the model (its routed experts), in layer order."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    found = {p: m for p, m in model.named_modules() if isinstance(m, SwitchGLU)}
+    return dict(sorted(found.items(), key=lambda pm: layer_of(pm[0])))
+
+
+def check_form(path: str, switch: nn.Module, where) -> None:
+    """The packed format holds bias-free SwiGLU experts; another form (gpt-oss's clamped, biased one) is refused."""
+    from mlx_lm.models.switch_layers import SwiGLU
+
+    if type(switch.activation) is not SwiGLU or any("bias" in getattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        raise CheckpointError(
+            f"{where}: {path} has experts of another form ({type(switch.activation).__name__}, with biases) than "
+            "the bias-free SwiGLU flash_moe streams"
+        )
+
+
+def expert_shape(switch: nn.Module) -> tuple[int, int, int]:
+    """(experts, hidden, intermediate) of a SwitchGLU, from its (lazy, never evaluated) weights' shapes."""
+    e, i, d = switch.gate_proj.weight.shape
+    return e, d, i
+
+
+class StreamedSwitch(nn.Module):
+    """SwitchGLU's call over an experts provider (``StreamingExperts`` or ``ResidentExperts``).
+
+    ``(x [..., D], indices [..., K]) -> [..., K, D]``, unweighted: the family's block weights the K
+    outputs. Each (token, k) pair becomes one row routed to one expert with score 1, so the providers'
+    fused kernels, slot reuse and once-per-chunk reads apply unchanged.
+    """
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        k, d = indices.shape[-1], x.shape[-1]
+        rows = mx.repeat(x.reshape(-1, d), k, axis=0)
+        inds = indices.reshape(-1, 1)
+        y = self.experts(rows, inds, mx.ones(inds.shape, x.dtype))
+        return y.reshape(*indices.shape, d)
+
+
+@dataclass
+class FamilyArgs:
+    """What LoadedModel and generation read of a model's config, for a model mlx-lm defines."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_experts: int
+    num_experts_per_tok: int
+    eos_token_id: int | list[int] | None = None
+
+
+class FamilyModel(LoadedModel):
+    """A LoadedModel around mlx-lm's model of the family, its routed experts streamed."""
+
+    def __init__(self, model, config: dict, path: Path, store, args: FamilyArgs):
+        super().__init__(model, config, path, store)
+        self.args = args
+
+    @property
+    def config(self) -> FamilyArgs:
+        return self.args
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        # No speculative tokens: they snapshot flash_moe's own cache classes, and mlx-lm's have no snapshot.
+        return self.model(tokens[None] if tokens.ndim == 1 else tokens, cache)
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def set_experts_per_token(self, k: int) -> None:
+        """Route each token to k experts by the family's own rule (its top-k attribute): softmax or sigmoid
+        top-k, group-limited or not, renormalised and scaled as the family does."""
+        if not 1 <= k <= self.args.num_experts:
+            raise ValueError(f"experts_per_token must be in 1..{self.args.num_experts}, got {k}")
+        blocks = {p.rsplit(".", 1)[0] for p, _ in self.model.named_modules() if isinstance(_, StreamedSwitch)}
+        for path, module in self.model.named_modules():
+            if path in blocks or path.rsplit(".", 1)[0] in blocks:  # the MoE block and its router
+                for name in ROUTING_ATTRS:
+                    if isinstance(getattr(module, name, None), int):
+                        setattr(module, name, k)
+        if hasattr(self.model.args, "num_experts_per_tok"):
+            self.model.args.num_experts_per_tok = k
+        self.args.num_experts_per_tok = k
+
+    def __repr__(self):
+        a = self.args
+        kind = "streamed" if self.store is not None else "resident"
+        return (f"LoadedModel({a.model_type} via mlx-lm, {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
+                f"{a.num_experts} experts top-{a.num_experts_per_tok}, {kind} experts, from {self.path})")
+
+
+def cast_floats(model, weights: dict, dtype) -> dict:
+    """Floating weights to ``dtype``, except those the family keeps (its ``cast_predicate``, e.g. DeepSeek's
+    float32 routing bias)."""
+    keep = getattr(model, "cast_predicate", None) or (lambda k: True)
+    return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v) for k, v in weights.items()}
+
+
+def quantize_like(model: nn.Module, quant: dict | None, names: set[str]) -> None:
+    """Quantize the modules whose ``.scales`` the weights hold, with per-module settings (mlx-lm's rule)."""
+    if not quant:
+        return
+
+    def predicate(path, module):
+        if f"{path}.scales" not in names or not hasattr(module, "to_quantized"):
+            return False
+        own = quant.get(path)
+        q = {**quant, **own} if isinstance(own, dict) else quant
+        return {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = None, threads: int = 8,
+                stream: bool = True, cache_experts="auto", read_chunk: int = 2 << 20,
+                direct_io: bool | str = "auto") -> FamilyModel:
+    """A converted folder of a family mlx-lm implements: mlx-lm's model, routed experts from the ExpertStore."""
+    from .checkpoint import load_weights, model_dtype, read_tensors
+    from .expert_cache import ExpertCache
+    from .experts import ResidentExperts
+    from .layout import ModelLayout
+    from .store import ExpertStore, direct_readable
+    from .streaming import StreamingExperts
+
+    where = path / "config.json"
+    arch = architecture(config, where)
+    args = model_args(arch, config, where)
+    model = arch.Model(args)  # expert weights are lazy random arrays here: replaced below, never evaluated
+    layout = ModelLayout.read(path)
+    found = switches(model)
+    e = layout.expert
+    for p, s in found.items():
+        check_form(p, s, where)
+        if expert_shape(s) != (layout.num_experts, e.hidden, e.intermediate):
+            raise CheckpointError(f"{path / 'layout.json'} disagrees with config.json at {p}: experts, hidden, "
+                                  f"intermediate {(layout.num_experts, e.hidden, e.intermediate)} vs {expert_shape(s)}")
+    if sorted(layer_of(p) for p in found) != sorted(layout.moe_layers):
+        raise CheckpointError(f"{path / 'layout.json'} lists MoE layers {layout.moe_layers}; config.json's model has "
+                              f"{[layer_of(p) for p in found]}")
+    resident = path / "resident.safetensors"
+    if not resident.exists():
+        raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
+    weights, where_from = read_tensors([resident])
+    k = args.num_experts_per_tok
+    store, cache = None, None
+    if stream:
+        capacity = slots or min(layout.num_experts, max(32, 2 * k))
+        cached = cache_capacity(cache_experts, layout)
+        if direct_io == "auto":
+            direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
+        store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
+                            buffers=slot_buffers(layout), direct=bool(direct_io))
+        cache = ExpertCache(store, cached) if cached else None
+        provider = lambda layer: StreamingExperts(store, layer, cache)
+    else:
+        def provider(layer):
+            experts = ResidentExperts(layout.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
+            prefix = f"model.layers.{layer}.mlp.experts."
+            packed = read_packed_experts(path, layout, layer)
+            experts.update(tree_unflatten([(n[len(prefix):], a) for n, a in packed.items()]))
+            return experts
+    model.update_modules(tree_unflatten([(p, StreamedSwitch(provider(layer_of(p)))) for p in found]))
+    quantize_like(model, config.get("quantization"), set(weights))
+    if not stream:  # the experts are in the tree already; resident.safetensors holds the rest
+        weights.update({k: v for k, v in tree_flatten(model.parameters()) if k.startswith(tuple(p + "." for p in found))})
+    weights = cast_floats(model, weights, dtype or model_dtype(weights))
+    load_weights(model, weights, {}, where_from, path)
+    mx.eval(model.parameters())
+    fargs = FamilyArgs(config["model_type"], e.hidden, args.num_hidden_layers, layout.num_experts, k,
+                       config.get("eos_token_id"))
+    loaded = FamilyModel(model, config, path, store, fargs)
+    loaded.cache = cache
+    return loaded
