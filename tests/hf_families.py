@@ -1,0 +1,105 @@
+"""Tiny random transformers checkpoints of the MoE families flash_moe runs through mlx-lm.
+
+Every weight is randomised by ``hf_models.randomize_`` (router biases and DeepSeek/GLM's score
+correction bias included); configs are saved by transformers 5 as is (``rope_parameters``, renamed
+expert counts), which flash_moe.families reads like the released config.json files. Expert dims are
+multiples of 64 so the same checkpoint converts at 4 bits too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+import hf_models
+
+FAMILIES = {
+    # dense layer 1 among MoE layers (mlp_only_layers), renormalised top-k
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3, mlp_only_layers=[1],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=64, norm_topk_prob=True, rope_theta=25000.0)),
+    # softmax over the top-k logits
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        vocab_size=130, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6)),
+    # MLA, sigmoid routing limited to 2 of 4 groups, correction bias, scaling 2.5, a shared expert, dense layer 0
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=140, hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32,
+        q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, routed_scaling_factor=2.5)),
+    # as DeepSeek-V3's routing, with GQA, q/k norms, attention biases and partial rotary
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        vocab_size=150, hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_shared_experts=1, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True)),
+    # clamped SwiGLU with gate/up biases: not streamed (flash_moe refuses it with a named error)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8)),
+}
+
+
+def build(name: str, folder: Path, *, seed: int, **overrides) -> tuple[Path, torch.nn.Module]:
+    """Save a random float32 checkpoint of family ``name`` into ``folder``; returns (folder, torch model)."""
+    config_cls, model_cls, kwargs = FAMILIES[name]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    hf_models.randomize_(model, seed)
+    model.save_pretrained(folder)
+    return Path(folder), model
+
+
+def with_top_k(model: torch.nn.Module, k: int) -> torch.nn.Module:
+    """The same weights routed to k experts per token."""
+    name = type(model).__name__
+    config = type(model.config)(**{**model.config.to_dict(), "num_experts_per_tok": k})
+    other = getattr(transformers, name)(config).float().eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def routing_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    """Smallest gap, over tokens and MoE layers, between the last expert chosen and the first one not
+    (and, for group-limited routing, between the last group kept and the first dropped), in the family's
+    own ranking score. A gap far above float32 noise means no implementation can route differently."""
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    sigmoid = hasattr(cfg, "n_group")
+    gaps = []
+
+    def gap(scores, n):  # [T, E] -> smallest distance between the n-th and (n+1)-th best per row
+        top = np.sort(scores, axis=-1)[:, ::-1]
+        return float((top[:, n - 1] - top[:, n]).min())
+
+    def hook(module, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1]).double().numpy()
+        logits = x @ module.weight.double().numpy().T
+        if not sigmoid:
+            gaps.append(gap(logits, k))
+            return
+        s = 1 / (1 + np.exp(-logits)) + module.e_score_correction_bias.double().numpy()
+        groups = s.reshape(len(s), cfg.n_group, -1)
+        group_scores = np.sort(groups, axis=-1)[..., -2:].sum(-1)
+        if cfg.n_group > 1:
+            gaps.append(gap(group_scores, cfg.topk_group))
+        keep = np.argsort(-group_scores, axis=-1)[:, : cfg.topk_group]
+        masked = np.full_like(groups, -np.inf)
+        np.put_along_axis(masked, keep[..., None], np.take_along_axis(groups, keep[..., None], 1), 1)
+        gaps.append(gap(masked.reshape(len(s), -1), k))
+
+    gates = [m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))]
+    handles = [m.register_forward_hook(hook) for m in gates]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(gaps)

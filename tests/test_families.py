@@ -1,0 +1,228 @@
+"""MoE families flash_moe runs through mlx-lm, routed experts streamed (issue 16 proof).
+
+Each family: a tiny random transformers checkpoint (tests/hf_families.py), converted by ``flash_moe.convert``
+at 16 bits (float32) and at 4 bits, loaded with ``flash_moe.load``. At 16 bits the streamed model is held to
+transformers (full sequence, cached decode, a 32-token greedy continuation, another K through the family's
+own routing); at 4 bits to mlx-lm's own resident model on the same quantized weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlx_lm")
+
+import hf_families
+import hf_models
+from conftest import derive_seed, seed_note
+
+import flash_moe
+from flash_moe.convert import convert
+from flash_moe.families import EXTRA, StreamedSwitch
+from flash_moe.files import CheckpointError
+
+REL_TOL = 1e-4
+ROUTER_MARGIN = 1e-4
+ARGMAX_MARGIN = 1e-3
+STREAMED = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"]
+
+
+class Family:
+    def __init__(self, name, tmp):
+        self.name, self.seed = name, derive_seed("family " + name)
+        self.src, self.torch_model = hf_families.build(name, tmp / "hf", seed=self.seed)
+        self.vocab = self.torch_model.config.vocab_size
+        self.dst16 = convert(self.src, tmp / "b16", bits=16, dtype="float32", progress=False)
+        self.dst4 = convert(self.src, tmp / "b4", bits=4, group_size=64, dtype="float32", progress=False)
+        self.model = flash_moe.load(self.dst16)
+
+    def note(self, seed=None) -> str:
+        return f"[{self.name}] " + seed_note(self.seed if seed is None else seed)
+
+    def reference(self, tokens: np.ndarray, model=None) -> np.ndarray:
+        with torch.no_grad():
+            return (model or self.torch_model)(input_ids=torch.from_numpy(tokens)).logits.numpy()
+
+    def decisive_tokens(self, gen, shape, model=None) -> np.ndarray:
+        for _ in range(20):
+            tokens = hf_models.random_tokens(gen, self.vocab, shape)
+            if hf_families.routing_margin(model or self.torch_model, torch.from_numpy(tokens)) > ROUTER_MARGIN:
+                return tokens
+        raise AssertionError(f"no decisive input in 20 draws {self.note()}")
+
+
+@pytest.fixture(scope="module", params=STREAMED)
+def family(request, tmp_path_factory):
+    f = Family(request.param, tmp_path_factory.mktemp(request.param))
+    yield f
+    f.model.close()
+
+
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def run(model, tokens: np.ndarray, cache=None) -> np.ndarray:
+    return np.array(model(mx.array(tokens.astype(np.int32)), cache=cache).astype(mx.float32))
+
+
+def greedy(model, prompt: np.ndarray, n: int) -> list[int]:
+    """Greedy tokens through flash_moe's own generation loop (make_cache, prefill, one token a step)."""
+    from flash_moe.generate import generate_step
+
+    steps = generate_step(mx.array(prompt[0].astype(np.int32)), model, max_tokens=n)
+    return [token for token, _ in steps]
+
+
+def test_every_expert_layer_is_streamed(family):
+    streamed = [p for p, m in family.model.model.named_modules() if isinstance(m, StreamedSwitch)]
+    moe = [i for i, layer in enumerate(family.model.model.layers)
+           if any(isinstance(m, StreamedSwitch) for _, m in layer.named_modules())]
+    assert len(streamed) == len(moe) == len(family.model.store.layout.moe_layers) > 0
+    assert moe == family.model.store.layout.moe_layers
+    assert "streamed" in repr(family.model) and family.name in repr(family.model)
+
+
+def test_full_sequence_logits(family, seed):
+    gen = np.random.default_rng(seed)
+    tokens = family.decisive_tokens(gen, (2, int(gen.integers(10, 18))))
+    ref, out = family.reference(tokens), run(family.model, tokens)
+    for b in range(2):
+        err = rel_err(out[b], ref[b])
+        assert err <= REL_TOL, f"batch row {b}: relative error {err:.2e} {family.note(seed)}"
+
+
+def test_cached_decode(family, seed):
+    """Prefill, a multi-token chunk, then single tokens, through the family's own (mlx-lm) cache."""
+    gen = np.random.default_rng(seed)
+    prefill, chunk, steps = int(gen.integers(3, 8)), int(gen.integers(2, 6)), 8
+    tokens = family.decisive_tokens(gen, (1, prefill + chunk + steps))
+    ref = family.reference(tokens)
+    cache = family.model.make_cache()
+    bounds = [0, prefill, prefill + chunk] + list(range(prefill + chunk + 1, tokens.shape[1] + 1))
+    for start, end in zip(bounds, bounds[1:]):
+        err = rel_err(run(family.model, tokens[:, start:end], cache), ref[:, start:end])
+        assert err <= REL_TOL, f"positions {start}..{end - 1}: relative error {err:.2e} {family.note(seed)}"
+
+
+def decisive_greedy(family, gen, n, model=None):
+    """A prompt and transformers' greedy continuation with no router or argmax near-tie on the way."""
+    for _ in range(20):
+        prompt = family.decisive_tokens(gen, (1, int(gen.integers(4, 9))), model)
+        full = prompt
+        for _ in range(n):  # full recompute every step: the reference involves no cache
+            nxt = family.reference(full, model)[:, -1].argmax(-1)
+            full = np.concatenate([full, nxt[:, None]], axis=1)
+        logits = family.reference(full[:, :-1], model)[0, prompt.shape[1] - 1:]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        if (top2[:, 1] - top2[:, 0]).min() > ARGMAX_MARGIN and \
+                hf_families.routing_margin(model or family.torch_model, torch.from_numpy(full)) > ROUTER_MARGIN:
+            return prompt, full[0, prompt.shape[1]:].tolist()
+    raise AssertionError(f"no decisive greedy run in 20 prompts {family.note()}")
+
+
+def test_greedy_continuation(family, seed):
+    prompt, expected = decisive_greedy(family, np.random.default_rng(seed), 32)
+    got = greedy(family.model, prompt, 32)
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    assert got == expected, f"first difference at step {first} {family.note(seed)}"
+
+
+def test_other_k_routes_as_the_family_does(family, seed):
+    """K override changes the family's own top-k: equal to transformers built with that num_experts_per_tok."""
+    k = family.torch_model.config.num_experts_per_tok + 2
+    reference = hf_families.with_top_k(family.torch_model, k)
+    model = flash_moe.load(family.dst16, experts_per_token=k)
+    try:
+        assert model.experts_per_token == k
+        gen = np.random.default_rng(seed)
+        tokens = family.decisive_tokens(gen, (1, 12), reference)
+        ref = family.reference(tokens, reference)
+        err = rel_err(run(model, tokens), ref)
+        assert err <= REL_TOL, f"K={k}: relative error {err:.2e} {family.note(seed)}"
+        assert rel_err(run(family.model, tokens), ref) > 1e-3, "the K override changed nothing " + family.note(seed)
+        with pytest.raises(ValueError, match="experts_per_token"):
+            model.set_experts_per_token(model.config.num_experts + 1)
+    finally:
+        model.close()
+
+
+def mlx_lm_resident(family, bits: int, group_size: int):
+    """mlx-lm's own model of the checkpoint, all in memory, its SwitchGLU experts quantized by mlx-lm."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from flash_moe.families import architecture, model_args
+
+    config = family.model.raw_config
+    arch = architecture(config, family.src)
+    model = arch.Model(model_args(arch, config, family.src))
+    weights = {k: v for f in sorted(family.src.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+    model.load_weights(list(model.sanitize(weights).items()))
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_4bit_matches_mlx_lm_resident(family, seed):
+    reference = mlx_lm_resident(family, 4, 64)
+    model = flash_moe.load(family.dst4)
+    try:
+        assert model.store.layout.expert.bits == 4
+        gen = np.random.default_rng(seed)
+        tokens = family.decisive_tokens(gen, (1, 14))
+        ref = np.array(reference(mx.array(tokens)))
+        err = rel_err(run(model, tokens), ref)
+        assert err <= REL_TOL, f"relative error {err:.2e} vs mlx-lm resident {family.note(seed)}"
+        # and its greedy continuation, token for token
+        prompt = tokens[:, :6]
+        expected, ids = [], mx.array(prompt)
+        for _ in range(16):
+            nxt = int(mx.argmax(reference(ids)[0, -1]).item())
+            expected.append(nxt)
+            ids = mx.concatenate([ids, mx.array([[nxt]])], axis=1)
+        assert greedy(model, prompt, 16) == expected, family.note(seed)
+    finally:
+        model.close()
+
+
+def test_resident_experts_equal_streamed(family, seed):
+    """stream=False reads every expert into memory once: the same logits as streaming them."""
+    model = flash_moe.load(family.dst4, stream=False)
+    streamed = flash_moe.load(family.dst4)
+    try:
+        assert model.store is None
+        tokens = hf_models.random_tokens(np.random.default_rng(seed), family.vocab, (1, 9))
+        np.testing.assert_array_equal(run(model, tokens), run(streamed, tokens), err_msg=family.note(seed))
+    finally:
+        streamed.close()
+
+
+def test_without_mlx_lm_one_line_error(family, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    monkeypatch.setitem(sys.modules, "mlx_lm.utils", None)
+    with pytest.raises(CheckpointError) as e:
+        flash_moe.load(family.dst16)
+    assert EXTRA in str(e.value) and "\n" not in str(e.value) and family.name in str(e.value)
+
+
+def test_unknown_model_type(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_moe"}))
+    (tmp_path / "layout.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no_such_moe.*not a model flash_moe or mlx-lm implements"):
+        flash_moe.load(tmp_path)
+
+
+def test_gpt_oss_experts_refused_by_name(tmp_path):
+    """gpt-oss's clamped SwiGLU with biases is not what the packed format holds: a named error, no folder."""
+    src, _ = hf_families.build("gpt_oss", tmp_path / "hf", seed=derive_seed("gpt_oss"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts has experts of another form"):
+        convert(src, tmp_path / "out", bits=4, progress=False)
+    assert not (tmp_path / "out" / "layout.json").exists()
