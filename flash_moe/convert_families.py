@@ -18,12 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import read_tensors, safetensors_files
-from .files import CheckpointError, atomic_write_json
+from .files import CheckpointError, atomic_write_json, read_json
 from .layout import PROJECTIONS, ExpertLayout, ModelLayout, expert_checksum
 from .families import architecture, check_form, expert_shape, layer_of, model_args, switches
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BATCH = 8  # experts quantized per call
+PROGRESS = "progress.json"
 
 
 def _storage(a: mx.array) -> np.ndarray:
@@ -69,6 +70,55 @@ def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path)
     return sums
 
 
+def verified(path: Path, layout: ExpertLayout, sums: list[str]) -> bool:
+    """A layer file an earlier run finished: right size, every expert's checksum as recorded."""
+    if not path.is_file() or path.stat().st_size != len(sums) * layout.stride:
+        return False
+    with open(path, "rb") as f:
+        return all(expert_checksum(os.pread(f.fileno(), layout.expert_bytes, e * layout.stride)) == s
+                   for e, s in enumerate(sums))
+
+
+def finished_layers(dst: Path, settings: dict) -> dict[int, list[str]]:
+    """Checksums of the layers an interrupted run into ``dst`` wrote with the same settings (progress.json)."""
+    if (dst / "layout.json").exists():
+        raise CheckpointError(f"{dst}: already holds a converted model; choose another destination")
+    if not (dst / PROGRESS).exists():
+        return {}
+    data = read_json(dst / PROGRESS)
+    if data.get("settings") != settings:
+        raise CheckpointError(f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); "
+                              "remove it or choose another destination")
+    return {int(k): v for k, v in data["layers"].items()}
+
+
+def quantize_resident(model, resident: dict, bits: int, group_size: int) -> dict:
+    """Resident matrices to ``bits`` where the family's module can be quantized (mlx-lm's ``to_quantized``),
+    as its ``quant_predicate`` says; routers at >= 8 bits (the top-k choice is sensitive to rounding).
+    Returns the config's "quantization" block (per-module entries where they differ)."""
+    own = getattr(model, "quant_predicate", None)
+    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, module in model.named_modules():
+        w = resident.get(f"{path}.weight")
+        if w is None or not hasattr(module, "to_quantized") or not mx.issubdtype(w.dtype, mx.floating):
+            continue
+        q = own(path, module) if own else True
+        if q is False:
+            continue
+        q = q if isinstance(q, dict) else {}
+        b, gs = q.get("bits", bits), q.get("group_size", group_size)
+        if path.endswith((".gate", ".router")):
+            b = max(b, 8)
+        if w.shape[-1] % gs:
+            continue
+        out = mx.quantize(w, group_size=gs, bits=b)
+        mx.eval(out)
+        resident[f"{path}.weight"], resident[f"{path}.scales"], resident[f"{path}.biases"] = out
+        if (b, gs) != (bits, group_size):
+            quant[path] = {"group_size": gs, "bits": b}
+    return quant
+
+
 def relabel(weights: dict, old: int, new: int) -> dict:
     a, b = f"model.layers.{old}.", f"model.layers.{new}."
     return {(b + k[len(a):] if k.startswith(a) else k): v for k, v in weights.items()}
@@ -81,9 +131,6 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
 
     from .convert import TOKENIZER_FILES
 
-    if resident_bits:
-        raise CheckpointError(f"{src}: --resident-bits is not supported yet for {config.get('model_type')} "
-                              "(mlx-lm family); convert without it")
     where = src / "config.json"
     arch = architecture(config, where)
     model = arch.Model(model_args(arch, config, where))  # for sanitize and the module tree; never evaluated
@@ -108,8 +155,11 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
 
     target = getattr(mx, dtype)
     keep = getattr(model, "cast_predicate", None) or (lambda k: True)
-    resident, checksums = {}, {}
+    settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
+                "num_experts": num_experts, "layers": sorted(by_layer)}
     (dst / "experts").mkdir(parents=True, exist_ok=True)
+    done = finished_layers(dst, settings)
+    resident, checksums = {}, {}
     for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
                       disable=not progress):
         part = groups.pop(layer)
@@ -130,7 +180,13 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
             if shape != (num_experts, hidden, intermediate):
                 raise CheckpointError(f"{src}: layer {layer}: experts of shape (experts, hidden, intermediate) "
                                       f"{shape}, config.json says {(num_experts, hidden, intermediate)}")
-            checksums[layer] = pack_experts(stacked, layout, dst / ModelLayout.layer_file(layer))
+            path = dst / ModelLayout.layer_file(layer)
+            if layer in done and verified(path, layout, done[layer]):
+                checksums[layer] = done[layer]  # an earlier run's layer: its experts are never evaluated
+            else:
+                checksums[layer] = pack_experts(stacked, layout, path)
+                atomic_write_json(dst / PROGRESS, {"settings": settings,
+                                                   "layers": {str(k): v for k, v in checksums.items()}})
         for k, v in part.items():
             resident[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v
         mx.eval(list(resident.values()))  # this layer's source tensors are released here
@@ -138,14 +194,18 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
         missing = sorted(set(by_layer) - set(checksums))
         raise CheckpointError(f"{src}: no tensors for MoE layer {missing[0]} in {', '.join(sorted(set(where_from.values())))}")
 
+    quant = quantize_resident(model, resident, resident_bits, group_size) if resident_bits else None
     partial = dst / "resident.partial.safetensors"  # mx.save_safetensors wants the suffix
     mx.save_safetensors(str(partial), resident, metadata={"format": "mlx", "producer": "flash_moe"})
     os.replace(partial, dst / "resident.safetensors")
     out_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if quant:
+        out_config["quantization"] = quant
     out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype, "via": "mlx-lm"}
     atomic_write_json(dst / "config.json", out_config)
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
     atomic_write_json(dst / "layout.json", ModelLayout(layout, num_experts, sorted(checksums), checksums).to_json())
+    (dst / PROGRESS).unlink(missing_ok=True)
     return dst

@@ -153,18 +153,24 @@ def test_other_k_routes_as_the_family_does(family, seed):
         model.close()
 
 
-def mlx_lm_resident(family, bits: int, group_size: int):
-    """mlx-lm's own model of the checkpoint, all in memory, its SwitchGLU experts quantized by mlx-lm."""
+def mlx_lm_resident(family, bits: int, group_size: int, resident=None):
+    """mlx-lm's own model of the checkpoint, all in memory, its SwitchGLU experts quantized by mlx-lm
+    (and the other modules ``resident(path, module)`` names, with the settings it returns)."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
     from flash_moe.families import architecture, model_args
+
+    def predicate(path, module):
+        if isinstance(module, SwitchLinear):
+            return {"group_size": group_size, "bits": bits}
+        return resident(path, module) if resident else False
 
     config = family.model.raw_config
     arch = architecture(config, family.src)
     model = arch.Model(model_args(arch, config, family.src))
     weights = {k: v for f in sorted(family.src.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
     model.load_weights(list(model.sanitize(weights).items()))
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    nn.quantize(model, class_predicate=predicate)
     mx.eval(model.parameters())
     return model
 
@@ -226,3 +232,62 @@ def test_gpt_oss_experts_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts has experts of another form"):
         convert(src, tmp_path / "out", bits=4, progress=False)
     assert not (tmp_path / "out" / "layout.json").exists()
+
+
+def test_resident_bits_match_mlx_lm(family, tmp_path, seed):
+    """--resident-bits 4: attention, dense and shared-expert matrices at 4 bits, routers at >= 8; equal to
+    mlx-lm's resident model quantized (by mlx-lm) with the settings recorded in config.json."""
+    import json
+
+    dst = convert(family.src, tmp_path / "q", bits=4, dtype="float32", resident_bits=4, progress=False)
+    quant = json.loads((dst / "config.json").read_text())["quantization"]
+    assert quant["bits"] == 4 and all(v["bits"] >= 8 for k, v in quant.items() if isinstance(v, dict))
+    names = set(mx.load(str(dst / "resident.safetensors")))
+    assert any(n.endswith("self_attn.o_proj.scales") for n in names), sorted(names)
+    routers = [n for n in names if n.endswith((".gate.weight", ".gate.scales"))]
+    assert all(f"{n.rsplit('.', 1)[0]}.scales" not in names or
+               quant.get(n.rsplit(".", 1)[0], {}).get("bits", 0) >= 8 for n in routers)
+
+    def predicate(path, module):
+        if f"{path}.scales" not in names or not hasattr(module, "to_quantized"):
+            return False
+        return {"group_size": 64, "bits": 4, **quant.get(path, {})}
+
+    reference = mlx_lm_resident(family, 4, 64, predicate)
+    model = flash_moe.load(dst)
+    try:
+        tokens = family.decisive_tokens(np.random.default_rng(seed), (1, 11))
+        err = rel_err(run(model, tokens), np.array(reference(mx.array(tokens))))
+        assert err <= REL_TOL, f"relative error {err:.2e} {family.note(seed)}"
+    finally:
+        model.close()
+
+
+def test_interrupted_conversion_resumes(family, tmp_path, monkeypatch):
+    """A run stopped after its first MoE layer resumes: finished layers are verified and kept, not repacked;
+    the result is byte for byte a clean conversion's."""
+    import flash_moe.convert_families as cf
+
+    real, calls = cf.pack_experts, []
+
+    def stop_after_one(stacked, layout, path):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path.name)
+        return real(stacked, layout, path)
+
+    monkeypatch.setattr(cf, "pack_experts", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        convert(family.src, tmp_path / "r", bits=4, dtype="float32", progress=False)
+    assert (tmp_path / "r" / "progress.json").exists() and not (tmp_path / "r" / "layout.json").exists()
+    repacked = []
+    monkeypatch.setattr(cf, "pack_experts", lambda s, l, p: repacked.append(p.name) or real(s, l, p))
+    dst = convert(family.src, tmp_path / "r", bits=4, dtype="float32", progress=False)
+    assert calls[0] not in repacked and len(repacked) == len(family.model.store.layout.moe_layers) - 1
+    for f in sorted((family.dst4 / "experts").iterdir()):
+        assert (dst / "experts" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not (dst / "progress.json").exists()
+    with pytest.raises(CheckpointError, match="other settings"):
+        (dst / "layout.json").rename(dst / "progress.json.bak")
+        cf.atomic_write_json(dst / "progress.json", {"settings": {"bits": 8}, "layers": {}})
+        convert(family.src, dst, bits=4, dtype="float32", progress=False)
