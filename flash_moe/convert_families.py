@@ -33,27 +33,28 @@ def _storage(a: mx.array) -> np.ndarray:
 
 
 def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path) -> list[str]:
-    """Write one layer file from ``stacked["gate_proj" | "up_proj" | "down_proj"]`` (E, out, in), quantized
-    (or cast) as ``layout`` says; written as ``path.partial`` and renamed when complete. Returns checksums.
+    """Write one layer file from the stacked ``"{proj}.weight"`` (E, out, in) floats, quantized (or cast) as
+    ``layout`` says, or from an MLX-quantized source's ``"{proj}.weight|scales|biases"``, repacked as they are.
+    Written as ``path.partial``, renamed when complete; returns the checksums.
 
     Projection by projection: only one stacked projection is evaluated at a time."""
-    num_experts = stacked["gate_proj"].shape[0]
+    num_experts = stacked["gate_proj.weight"].shape[0]
     dtype = getattr(mx, layout.dtype)
     partial = path.with_name(path.name + ".partial")
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, num_experts * layout.stride)
         for proj in PROJECTIONS:
-            w = stacked.pop(proj).astype(dtype)
-            mx.eval(w)
+            src = {kind: stacked.pop(f"{proj}.{kind}") for kind in ("weight", "scales", "biases")
+                   if f"{proj}.{kind}" in stacked}
+            src = {k: v if v.dtype == mx.uint32 else v.astype(dtype) for k, v in src.items()}
+            mx.eval(src)
             for first in range(0, num_experts, BATCH):
-                part = w[first : first + BATCH]
-                if layout.quantized:
-                    arrays = dict(zip(("weight", "scales", "biases"),
-                                      mx.quantize(part, group_size=layout.group_size, bits=layout.bits)))
-                else:
-                    arrays = {"weight": part}
-                for kind, a in arrays.items():
+                part = {k: v[first : first + BATCH] for k, v in src.items()}
+                if layout.quantized and "scales" not in part:
+                    part = dict(zip(("weight", "scales", "biases"),
+                                    mx.quantize(part["weight"], group_size=layout.group_size, bits=layout.bits)))
+                for kind, a in part.items():
                     spec = layout.tensor(f"{proj}.{kind}")
                     rows = _storage(a).reshape(a.shape[0], -1).view(np.uint8)
                     if rows.shape[1] != spec.nbytes:
@@ -61,13 +62,29 @@ def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path)
                                               f"the layout expects {spec.nbytes}")
                     for i, row in enumerate(rows):
                         os.pwrite(fd, row.tobytes(), (first + i) * layout.stride + spec.offset)
-            del w
+            del src
         sums = [expert_checksum(os.pread(fd, layout.expert_bytes, e * layout.stride)) for e in range(num_experts)]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(partial, path)
     return sums
+
+
+def check_source_quant(stacked: dict, layout: ExpertLayout, where: str) -> None:
+    """An MLX-quantized source's experts are repacked, never requantized: --bits, --group-size and --dtype
+    must be the source's own."""
+    w, scales = stacked["gate_proj.weight"], stacked.get("gate_proj.scales")
+    if scales is None:
+        return
+    if w.dtype != mx.uint32 or "gate_proj.biases" not in stacked:
+        raise CheckpointError(f"{where}: experts are quantized in a mode other than MLX affine; not supported")
+    bits, group = w.shape[-1] * 32 // layout.hidden, layout.hidden // scales.shape[-1]
+    dtype = str(scales.dtype).split(".")[-1]
+    if (bits, group, dtype) != (layout.bits, layout.group_size, layout.dtype):
+        raise CheckpointError(f"{where}: experts are MLX-quantized at {bits} bits, group size {group}, {dtype} "
+                              f"scales; convert with --bits {bits} --group-size {group} --dtype {dtype} to "
+                              "repack them without requantizing")
 
 
 def verified(path: Path, layout: ExpertLayout, sums: list[str]) -> bool:
@@ -132,6 +149,9 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     from .convert import TOKENIZER_FILES
 
     where = src / "config.json"
+    src_quant = config.get("quantization")
+    if src_quant and resident_bits:
+        raise CheckpointError(f"{where}: the checkpoint is already MLX-quantized; convert without --resident-bits")
     arch = architecture(config, where)
     model = arch.Model(model_args(arch, config, where))  # for sanitize and the module tree; never evaluated
     found = switches(model)
@@ -171,12 +191,14 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
             prefix = by_layer[layer] + "."
             stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}
             names = {f"{p}.weight" for p in PROJECTIONS}
-            if set(stacked) != names:
+            kinds = {f"{p}.{k}" for p in PROJECTIONS for k in ("scales", "biases")}
+            if not names <= set(stacked) <= names | kinds:
                 got = sorted(stacked) or "none"
                 raise CheckpointError(f"{src}: layer {layer}: expected stacked experts {sorted(names)} under "
-                                      f"{prefix[:-1]} after mlx-lm's sanitize, got {got} (an MLX-quantized source?)")
-            stacked = {k.split(".")[0]: v for k, v in stacked.items()}
-            shape = (stacked["gate_proj"].shape[0], stacked["gate_proj"].shape[2], stacked["gate_proj"].shape[1])
+                                      f"{prefix[:-1]} after mlx-lm's sanitize, got {got}")
+            check_source_quant(stacked, layout, f"{src}: layer {layer}")
+            up = stacked["up_proj.weight"]  # (E, I, D), or (E, I, D * bits / 32) when MLX-quantized
+            shape = (up.shape[0], hidden if "up_proj.scales" in stacked else up.shape[2], up.shape[1])
             if shape != (num_experts, hidden, intermediate):
                 raise CheckpointError(f"{src}: layer {layer}: experts of shape (experts, hidden, intermediate) "
                                       f"{shape}, config.json says {(num_experts, hidden, intermediate)}")
@@ -194,7 +216,7 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
         missing = sorted(set(by_layer) - set(checksums))
         raise CheckpointError(f"{src}: no tensors for MoE layer {missing[0]} in {', '.join(sorted(set(where_from.values())))}")
 
-    quant = quantize_resident(model, resident, resident_bits, group_size) if resident_bits else None
+    quant = quantize_resident(model, resident, resident_bits, group_size) if resident_bits else src_quant
     partial = dst / "resident.partial.safetensors"  # mx.save_safetensors wants the suffix
     mx.save_safetensors(str(partial), resident, metadata={"format": "mlx", "producer": "flash_moe"})
     os.replace(partial, dst / "resident.safetensors")

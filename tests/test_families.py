@@ -153,7 +153,7 @@ def test_other_k_routes_as_the_family_does(family, seed):
         model.close()
 
 
-def mlx_lm_resident(family, bits: int, group_size: int, resident=None):
+def mlx_lm_resident(family, bits: int | None, group_size: int, resident=None):
     """mlx-lm's own model of the checkpoint, all in memory, its SwitchGLU experts quantized by mlx-lm
     (and the other modules ``resident(path, module)`` names, with the settings it returns)."""
     from mlx_lm.models.switch_layers import SwitchLinear
@@ -162,7 +162,7 @@ def mlx_lm_resident(family, bits: int, group_size: int, resident=None):
 
     def predicate(path, module):
         if isinstance(module, SwitchLinear):
-            return {"group_size": group_size, "bits": bits}
+            return {"group_size": group_size, "bits": bits} if bits else False
         return resident(path, module) if resident else False
 
     config = family.model.raw_config
@@ -291,3 +291,36 @@ def test_interrupted_conversion_resumes(family, tmp_path, monkeypatch):
         (dst / "layout.json").rename(dst / "progress.json.bak")
         cf.atomic_write_json(dst / "progress.json", {"settings": {"bits": 8}, "layers": {}})
         convert(family.src, dst, bits=4, dtype="float32", progress=False)
+
+
+def test_mlx_quantized_source_repacked_as_is(family, tmp_path, seed):
+    """An mlx-lm-quantized checkpoint (experts 4-bit, routers 8-bit by the family's quant_predicate) converts
+    without requantizing: expert bytes are the source's, and the streamed model equals mlx-lm's."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    reference = mlx_lm_resident(family, None, 64)  # float; mlx-lm quantizes it below, as mlx_lm.convert does
+    reference, qconfig = quantize_model(reference, dict(family.model.raw_config), 64, 4)
+    mlx_src = tmp_path / "mlx"
+    save_model(mlx_src, reference)
+    save_config(qconfig, mlx_src / "config.json")
+    with pytest.raises(CheckpointError, match="--bits 4 --group-size 64 --dtype float32"):
+        convert(mlx_src, tmp_path / "wrong", bits=4, group_size=32, dtype="float32", progress=False)
+    dst = convert(mlx_src, tmp_path / "out", bits=4, group_size=64, dtype="float32", progress=False)
+    model = flash_moe.load(dst)
+    try:
+        layer = model.store.layout.moe_layers[-1]
+        params = dict(tree_flatten(reference.parameters()))
+        source = next(v for k, v in params.items() if k.startswith(f"model.layers.{layer}.") and
+                      k.endswith("switch_mlp.down_proj.scales"))
+        spec = model.store.layout.expert.tensor("down_proj.scales")
+        raw = (dst / model.store.layout.layer_file(layer)).read_bytes()
+        stride = model.store.layout.expert.stride
+        for e in (0, source.shape[0] - 1):
+            got = raw[e * stride + spec.offset : e * stride + spec.offset + spec.nbytes]
+            assert got == np.array(source[e]).tobytes(), f"layer {layer} expert {e} was requantized"
+        tokens = family.decisive_tokens(np.random.default_rng(seed), (1, 10))
+        err = rel_err(run(model, tokens), np.array(reference(mx.array(tokens))))
+        assert err <= REL_TOL, f"relative error {err:.2e} vs mlx-lm {family.note(seed)}"
+    finally:
+        model.close()
