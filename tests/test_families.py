@@ -324,3 +324,23 @@ def test_mlx_quantized_source_repacked_as_is(family, tmp_path, seed):
         assert err <= REL_TOL, f"relative error {err:.2e} vs mlx-lm {family.note(seed)}"
     finally:
         model.close()
+
+
+def test_phase_timer(family, seed):
+    """--timing on a family: attention, routing, expert I/O and compute, the rest of the block, per token."""
+    from flash_moe.generate import generate_step
+    from flash_moe.timing import PHASES, PhaseTimer
+
+    timer = PhaseTimer(family.model).install()
+    try:
+        prompt = mx.array(hf_models.random_tokens(np.random.default_rng(seed), family.vocab, (6,)).astype(np.int32))
+        n = len(list(generate_step(prompt, family.model, max_tokens=5, timer=timer)))
+    finally:
+        timer.uninstall()
+    s = timer.summary()
+    moe = len(family.model.store.layout.moe_layers)
+    assert s["tokens"] == n == 5 and set(s["total"]) == set(PHASES)
+    assert s["io"]["experts"] == n * family.model.experts_per_token * moe, s["io"]
+    assert all(s["total"][p] > 0 for p in ("attention", "routing", "expert_compute")), s["total"]
+    assert "decode: 5 tokens" in timer.table()
+    assert not any(type(m).__name__.startswith("_Timed") for _, m in family.model.model.named_modules())
