@@ -344,3 +344,38 @@ def test_phase_timer(family, seed):
     assert all(s["total"][p] > 0 for p in ("attention", "routing", "expert_compute")), s["total"]
     assert "decode: 5 tokens" in timer.table()
     assert not any(type(m).__name__.startswith("_Timed") for _, m in family.model.model.named_modules())
+
+
+def test_generate_with_tokenizer(tmp_path, seed):
+    """LoadedModel.generate / stream_generate on a family model: the demo's tokenizer and chat template, text
+    equal to transformers' greedy continuation decoded, a chat prompt through the template."""
+    import shutil
+    from importlib.resources import files
+
+    from flash_moe.generate import eos_token_ids
+
+    src, torch_model = hf_families.build("qwen3_moe", tmp_path / "hf", seed=seed, vocab_size=4096)
+    demo = files("flash_moe") / "demo"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(demo / name, src / name)
+    model = flash_moe.load(convert(src, tmp_path / "out", bits=16, dtype="float32", progress=False))
+    try:
+        tok = model.tokenizer
+        ids = tok.encode("def add(a, b):")
+        full = np.array([ids])
+        for _ in range(12):
+            with torch.no_grad():
+                nxt = int(torch_model(input_ids=torch.from_numpy(full)).logits[0, -1].argmax())
+            full = np.concatenate([full, [[nxt]]], axis=1)
+        expected = full[0, len(ids):].tolist()
+        stops = eos_token_ids(model, tok)
+        cut = next((i for i, t in enumerate(expected) if t in stops), len(expected))
+        text = model.generate("def add(a, b):", max_tokens=12)
+        assert text == tok.decode(expected[:cut]), seed_note(seed)
+        assert text.finish_reason == ("stop" if cut < len(expected) else "length"), seed_note(seed)
+        streamed = "".join(r.text for r in model.stream_generate("def add(a, b):", max_tokens=12))
+        assert streamed == text
+        reply = model.generate([{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.finish_reason in ("length", "stop")
+    finally:
+        model.close()
