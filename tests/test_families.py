@@ -346,19 +346,30 @@ def test_phase_timer(family, seed):
     assert not any(type(m).__name__.startswith("_Timed") for _, m in family.model.model.named_modules())
 
 
-def test_generate_with_tokenizer(tmp_path, seed):
-    """LoadedModel.generate / stream_generate on a family model: the demo's tokenizer and chat template, text
-    equal to transformers' greedy continuation decoded, a chat prompt through the template."""
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A qwen3_moe checkpoint with the demo's tokenizer and chat template, converted by the command line."""
     import shutil
     from importlib.resources import files
 
-    from flash_moe.generate import eos_token_ids
+    from flash_moe.cli import main
 
-    src, torch_model = hf_families.build("qwen3_moe", tmp_path / "hf", seed=seed, vocab_size=4096)
+    tmp, seed = tmp_path_factory.mktemp("tokenizer"), derive_seed("family tokenizer")
+    src, torch_model = hf_families.build("qwen3_moe", tmp / "hf", seed=seed, vocab_size=4096)
     demo = files("flash_moe") / "demo"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(demo / name, src / name)
-    model = flash_moe.load(convert(src, tmp_path / "out", bits=16, dtype="float32", progress=False))
+    main(["convert", str(src), str(tmp / "out"), "--bits", "16", "--dtype", "float32"])
+    return tmp / "out", torch_model, seed
+
+
+def test_generate_with_tokenizer(with_tokenizer):
+    """LoadedModel.generate / stream_generate on a family model: the demo's tokenizer and chat template, text
+    equal to transformers' greedy continuation decoded, a chat prompt through the template."""
+    from flash_moe.generate import eos_token_ids
+
+    folder, torch_model, seed = with_tokenizer
+    model = flash_moe.load(folder)
     try:
         tok = model.tokenizer
         ids = tok.encode("def add(a, b):")
@@ -379,3 +390,14 @@ def test_generate_with_tokenizer(tmp_path, seed):
         assert reply.finish_reason in ("length", "stop")
     finally:
         model.close()
+
+
+def test_cli_verify_and_generate_with_timing(with_tokenizer, capsys):
+    from flash_moe.cli import main
+
+    folder = with_tokenizer[0]
+    main(["verify", str(folder)])
+    assert "every expert matches its checksum" in capsys.readouterr().out
+    main(["generate", "--model", str(folder), "--prompt", "def", "--raw", "--max-tokens", "4", "--k", "3", "--timing"])
+    out = "".join(capsys.readouterr())
+    assert "expert reads/token: 6.0 experts" in out and "ms/token" in out, out  # K=3 over 2 MoE layers
