@@ -300,6 +300,11 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
                                 cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io)
     else:
+        from .families import is_family
+
+        if is_family(config := read_config(path)):
+            raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} runs through mlx-lm with streamed "
+                                  f"experts; convert it first: flash-moe convert {path} DST")
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:

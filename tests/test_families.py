@@ -401,3 +401,8 @@ def test_cli_verify_and_generate_with_timing(with_tokenizer, capsys):
     main(["generate", "--model", str(folder), "--prompt", "def", "--raw", "--max-tokens", "4", "--k", "3", "--timing"])
     out = "".join(capsys.readouterr())
     assert "expert reads/token: 6.0 experts" in out and "ms/token" in out, out  # K=3 over 2 MoE layers
+
+
+def test_unconverted_checkpoint_says_convert(family):
+    with pytest.raises(CheckpointError, match=f"{family.name}.*runs through mlx-lm.*flash-moe convert"):
+        flash_moe.load(family.src)
