@@ -166,7 +166,7 @@ class FamilyModel(LoadedModel):
         top-k, group-limited or not, renormalised and scaled as the family does."""
         if not 1 <= k <= self.args.num_experts:
             raise ValueError(f"experts_per_token must be in 1..{self.args.num_experts}, got {k}")
-        blocks = {p.rsplit(".", 1)[0] for p, _ in self.model.named_modules() if isinstance(_, StreamedSwitch)}
+        blocks = {p.rsplit(".", 1)[0] for p, m in self.model.named_modules() if isinstance(m, StreamedSwitch)}
         for path, module in self.model.named_modules():
             if path in blocks or path.rsplit(".", 1)[0] in blocks:  # the MoE block and its router
                 for name in ROUTING_ATTRS:

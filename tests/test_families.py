@@ -406,3 +406,26 @@ def test_cli_verify_and_generate_with_timing(with_tokenizer, capsys):
 def test_unconverted_checkpoint_says_convert(family):
     with pytest.raises(CheckpointError, match=f"{family.name}.*runs through mlx-lm.*flash-moe convert"):
         flash_moe.load(family.src)
+
+
+INTERMEDIATE = {"mixtral": "intermediate_size"}
+
+
+@pytest.mark.parametrize("edit", ["intermediate", "missing hidden_size"])
+def test_config_that_disagrees_is_named(family, tmp_path, edit):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(family.dst16, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if edit == "intermediate":
+        config[INTERMEDIATE.get(family.name, "moe_intermediate_size")] = 128
+        match = r"layout\.json disagrees with config\.json at model\.layers\.\d+\.\w+\.switch_mlp"
+    else:
+        del config["hidden_size"]  # qwen3_moe and mixtral need it; DeepSeek/GLM's default disagrees with the experts
+        match = "lacks 'hidden_size'" if family.name == "qwen3_moe" else "hidden_size|disagrees|shape"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match) as e:
+        flash_moe.load(folder)
+    assert "\n" not in str(e.value)
