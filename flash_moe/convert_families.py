@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import read_tensors, safetensors_files
 from .files import CheckpointError, atomic_write_json, read_json
 from .layout import PROJECTIONS, ExpertLayout, ModelLayout, expert_checksum
-from .families import architecture, check_form, expert_shape, layer_of, model_args, switches
+from .families import architecture, expert_shape, layer_of, model_args, switches
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BATCH = 8  # experts quantized per call
@@ -69,6 +69,17 @@ def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path)
         os.close(fd)
     os.replace(partial, path)
     return sums
+
+
+def dequantize_mxfp4(stacked: dict) -> None:
+    """Experts shipped in mxfp4 (gpt-oss: e2m1 values, a power-of-two uint8 scale per 32 inputs, no affine
+    bias) to floats, in place: they are then packed at --bits like any float source. Exact: every mxfp4
+    value is a bfloat16."""
+    for proj in PROJECTIONS:
+        scales = stacked.get(f"{proj}.scales")
+        if scales is not None and scales.dtype == mx.uint8 and f"{proj}.biases" not in stacked:
+            stacked[f"{proj}.weight"] = mx.dequantize(stacked[f"{proj}.weight"], stacked.pop(f"{proj}.scales"),
+                                                      group_size=32, bits=4, mode="mxfp4")
 
 
 def check_source_quant(stacked: dict, layout: ExpertLayout, where: str) -> None:
@@ -157,8 +168,6 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     found = switches(model)
     if not found:
         raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} has no SwitchGLU routed experts to stream")
-    for p, s in found.items():
-        check_form(p, s, where)
     by_layer = {layer_of(p): p for p in found}
     num_experts, hidden, intermediate = expert_shape(next(iter(found.values())))
     layout = ExpertLayout(hidden, intermediate, bits, group_size, dtype)
@@ -190,6 +199,10 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
         if layer in by_layer:
             prefix = by_layer[layer] + "."
             stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}
+            for proj in PROJECTIONS:  # expert biases (gpt-oss) stay resident, by the streamed module's name
+                if f"{proj}.bias" in stacked:
+                    part[f"{prefix}experts.{proj}.bias"] = stacked.pop(f"{proj}.bias")
+            dequantize_mxfp4(stacked)
             names = {f"{p}.weight" for p in PROJECTIONS}
             kinds = {f"{p}.{k}" for p in PROJECTIONS for k in ("scales", "biases")}
             if not names <= set(stacked) <= names | kinds:

@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .files import CheckpointError
+from .layout import PROJECTIONS
 from .load import LoadedModel, cache_capacity, read_packed_experts, slot_buffers
 from .model import SUPPORTED_MODEL_TYPES
 
@@ -92,15 +93,13 @@ def switches(model: nn.Module) -> dict[str, nn.Module]:
     return dict(sorted(found.items(), key=lambda pm: layer_of(pm[0])))
 
 
-def check_form(path: str, switch: nn.Module, where) -> None:
-    """The packed format holds bias-free SwiGLU experts; another form (gpt-oss's clamped, biased one) is refused."""
+def expert_form(switch: nn.Module) -> str:
+    """"swiglu" for bias-free SwiGLU experts (the fused kernels' form), "own" for any other (gpt-oss's biased,
+    clamped one), which runs on MLX ops with the family's own activation module."""
     from mlx_lm.models.switch_layers import SwiGLU
 
-    if type(switch.activation) is not SwiGLU or any("bias" in getattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        raise CheckpointError(
-            f"{where}: {path} has experts of another form ({type(switch.activation).__name__}, with biases) than "
-            "the bias-free SwiGLU flash_moe streams"
-        )
+    plain = type(switch.activation) is SwiGLU and not any("bias" in getattr(switch, p) for p in PROJECTIONS)
+    return "swiglu" if plain else "own"
 
 
 def expert_shape(switch: nn.Module) -> tuple[int, int, int]:
@@ -212,6 +211,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     from .checkpoint import load_weights, model_dtype, read_tensors
     from .expert_cache import ExpertCache
     from .experts import ResidentExperts
+    from .family_experts import OwnFormExperts
     from .layout import ModelLayout
     from .store import ExpertStore, direct_readable
     from .streaming import StreamingExperts
@@ -224,7 +224,6 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     found = switches(model)
     e = layout.expert
     for p, s in found.items():
-        check_form(p, s, where)
         if expert_shape(s) != (layout.num_experts, e.hidden, e.intermediate):
             raise CheckpointError(f"{path / 'layout.json'} disagrees with config.json at {p}: experts, hidden, "
                                   f"intermediate {(layout.num_experts, e.hidden, e.intermediate)} vs {expert_shape(s)}")
@@ -245,18 +244,25 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                             buffers=slot_buffers(layout), direct=bool(direct_io))
         cache = ExpertCache(store, cached) if cached else None
-        provider = lambda layer: StreamingExperts(store, layer, cache)
-    else:
-        def provider(layer):
-            experts = ResidentExperts(layout.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
-            prefix = f"model.layers.{layer}.mlp.experts."
-            packed = read_packed_experts(path, layout, layer)
-            experts.update(tree_unflatten([(n[len(prefix):], a) for n, a in packed.items()]))
-            return experts
-    model.update_modules(tree_unflatten([(p, StreamedSwitch(provider(layer_of(p)))) for p in found]))
+
+    def provider(switch, layer):
+        if stream and expert_form(switch) == "swiglu":
+            return StreamingExperts(store, layer, cache)
+        if stream:
+            return OwnFormExperts(switch.activation, e, layout.num_experts, store, layer)
+        prefix = f"model.layers.{layer}.mlp.experts."
+        packed = {n[len(prefix):]: a for n, a in read_packed_experts(path, layout, layer).items()}
+        if expert_form(switch) == "own":
+            return OwnFormExperts(switch.activation, e, layout.num_experts, arrays=packed)
+        experts = ResidentExperts(layout.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
+        experts.update(tree_unflatten(list(packed.items())))
+        return experts
+
+    model.update_modules(tree_unflatten([(p, StreamedSwitch(provider(s, layer_of(p)))) for p, s in found.items()]))
     quantize_like(model, config.get("quantization"), set(weights))
     if not stream:  # the experts are in the tree already; resident.safetensors holds the rest
-        weights.update({k: v for k, v in tree_flatten(model.parameters()) if k.startswith(tuple(p + "." for p in found))})
+        inside = tuple(p + "." for p in found)
+        weights.update({k: v for k, v in tree_flatten(model.parameters()) if k.startswith(inside) and k not in weights})
     weights = cast_floats(model, weights, dtype or model_dtype(weights))
     load_weights(model, weights, {}, where_from, path)
     mx.eval(model.parameters())

@@ -73,7 +73,10 @@ class PhaseTimer:
             block = next((n for n in ("mlp", "block_sparse_moe") if hasattr(layer, n)), None)
             moe = getattr(layer, block, None)
             # flash_moe's block holds its experts provider; an mlx-lm block holds it inside its StreamedSwitch
-            owner = moe if hasattr(moe, "experts") else getattr(moe, "switch_mlp", None)
+            # (``switch_mlp``, or ``experts`` in gpt-oss)
+            owner = getattr(moe, "switch_mlp", moe)
+            if hasattr(getattr(owner, "experts", None), "experts"):
+                owner = owner.experts
             if hasattr(owner, "experts"):
                 self._patch(owner, "experts", _TimedExperts(self, owner.experts, "experts", i))
                 self._patch(layer, block, _Timed(self, moe, "moe", i))

@@ -38,10 +38,14 @@ FAMILIES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True)),
-    # clamped SwiGLU with gate/up biases: not streamed (flash_moe refuses it with a named error)
+    # experts with biases and a clamped SwiGLU, shipped in mxfp4; router with a bias; sinks; sliding window 8
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8)),
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+        # the release's YaRN, but with its correction range rounded: mlx-lm's YarnRoPE always rounds it, the
+        # release's "truncate": false does not (a 1e-5 difference between mlx-lm and transformers)
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             original_max_position_embeddings=4096, truncate=True))),
 }
 
 
@@ -52,8 +56,42 @@ def build(name: str, folder: Path, *, seed: int, **overrides) -> tuple[Path, tor
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
     hf_models.randomize_(model, seed)
-    model.save_pretrained(folder)
+    if name == "gpt_oss":
+        to_mxfp4(model, folder)
+    else:
+        model.save_pretrained(folder)
     return Path(folder), model
+
+
+@torch.no_grad()
+def to_mxfp4(model: torch.nn.Module, folder: Path) -> None:
+    """Ship gpt-oss's experts as its release does: mxfp4 ``*_blocks`` (uint8, 16 bytes per 32 inputs) and
+    ``*_scales`` (uint8 exponents), gate and up rows interleaved, ``[out, in]``. The torch model's experts
+    are set to the values mxfp4 holds, so it stays the exact reference. Routers are scaled up (logits of
+    std ~4) so the top-k choice is decisive."""
+    import mlx.core as mx
+    from safetensors.torch import load_file, save_file
+
+    for layer in model.model.layers:
+        layer.mlp.router.weight.mul_(4.0)
+    model.save_pretrained(folder)
+    files = sorted(Path(folder).glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    for name, p in model.named_parameters():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            continue
+        w = mx.array(p.transpose(1, 2).contiguous().numpy())  # HF (E, in, out) -> (E, out, in)
+        q, scales = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+        p.copy_(torch.from_numpy(np.array(mx.dequantize(q, scales, group_size=32, bits=4, mode="mxfp4").astype(mx.float32)))
+                .transpose(1, 2))
+        del tensors[name]
+        e, out, _ = w.shape
+        tensors[name + "_blocks"] = torch.from_numpy(np.array(q).view(np.uint8).reshape(e, out, -1, 16))
+        tensors[name + "_scales"] = torch.from_numpy(np.array(scales))
+    for f in files:
+        f.unlink()
+    save_file(tensors, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+    (Path(folder) / "model.safetensors.index.json").unlink(missing_ok=True)
 
 
 def with_top_k(model: torch.nn.Module, k: int) -> torch.nn.Module:
@@ -81,6 +119,8 @@ def routing_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     def hook(module, args, output):
         x = args[0].reshape(-1, args[0].shape[-1]).double().numpy()
         logits = x @ module.weight.double().numpy().T
+        if getattr(module, "bias", None) is not None:
+            logits = logits + module.bias.double().numpy()
         if not sigmoid:
             gaps.append(gap(logits, k))
             return
@@ -94,7 +134,7 @@ def routing_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
         np.put_along_axis(masked, keep[..., None], np.take_along_axis(groups, keep[..., None], 1), 1)
         gaps.append(gap(masked.reshape(len(s), -1), k))
 
-    gates = [m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))]
+    gates = [m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate", "mlp.router"))]
     handles = [m.register_forward_hook(hook) for m in gates]
     try:
         with torch.no_grad():

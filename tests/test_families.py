@@ -30,7 +30,7 @@ from flash_moe.files import CheckpointError
 REL_TOL = 1e-4
 ROUTER_MARGIN = 1e-4
 ARGMAX_MARGIN = 1e-3
-STREAMED = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"]
+STREAMED = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss"]
 
 
 class Family:
@@ -169,7 +169,11 @@ def mlx_lm_resident(family, bits: int | None, group_size: int, resident=None):
     arch = architecture(config, family.src)
     model = arch.Model(model_args(arch, config, family.src))
     weights = {k: v for f in sorted(family.src.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
-    model.load_weights(list(model.sanitize(weights).items()))
+    weights = model.sanitize(weights)
+    for k in [k for k, v in weights.items() if k.endswith(".scales") and v.dtype == mx.uint8]:  # gpt-oss's mxfp4
+        w = k[: -len("scales")] + "weight"
+        weights[w] = mx.dequantize(weights[w], weights.pop(k), group_size=32, bits=4, mode="mxfp4").astype(mx.float32)
+    model.load_weights(list(weights.items()))
     nn.quantize(model, class_predicate=predicate)
     mx.eval(model.parameters())
     return model
@@ -224,14 +228,6 @@ def test_unknown_model_type(tmp_path):
     (tmp_path / "layout.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no_such_moe.*not a model flash_moe or mlx-lm implements"):
         flash_moe.load(tmp_path)
-
-
-def test_gpt_oss_experts_refused_by_name(tmp_path):
-    """gpt-oss's clamped SwiGLU with biases is not what the packed format holds: a named error, no folder."""
-    src, _ = hf_families.build("gpt_oss", tmp_path / "hf", seed=derive_seed("gpt_oss"))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts has experts of another form"):
-        convert(src, tmp_path / "out", bits=4, progress=False)
-    assert not (tmp_path / "out" / "layout.json").exists()
 
 
 def test_resident_bits_match_mlx_lm(family, tmp_path, seed):
@@ -310,9 +306,9 @@ def test_mlx_quantized_source_repacked_as_is(family, tmp_path, seed):
     model = flash_moe.load(dst)
     try:
         layer = model.store.layout.moe_layers[-1]
-        params = dict(tree_flatten(reference.parameters()))
-        source = next(v for k, v in params.items() if k.startswith(f"model.layers.{layer}.") and
-                      k.endswith("switch_mlp.down_proj.scales"))
+        switch = next(p for p, m in model.model.named_modules() if isinstance(m, StreamedSwitch) and
+                      p.startswith(f"model.layers.{layer}."))
+        source = dict(tree_flatten(reference.parameters()))[f"{switch}.down_proj.scales"]
         spec = model.store.layout.expert.tensor("down_proj.scales")
         raw = (dst / model.store.layout.layer_file(layer)).read_bytes()
         stride = model.store.layout.expert.stride
@@ -408,7 +404,7 @@ def test_unconverted_checkpoint_says_convert(family):
         flash_moe.load(family.src)
 
 
-INTERMEDIATE = {"mixtral": "intermediate_size"}
+INTERMEDIATE = {"mixtral": "intermediate_size", "gpt_oss": "intermediate_size"}
 
 
 @pytest.mark.parametrize("edit", ["intermediate", "missing hidden_size"])
@@ -421,7 +417,7 @@ def test_config_that_disagrees_is_named(family, tmp_path, edit):
     config = json.loads((folder / "config.json").read_text())
     if edit == "intermediate":
         config[INTERMEDIATE.get(family.name, "moe_intermediate_size")] = 128
-        match = r"layout\.json disagrees with config\.json at model\.layers\.\d+\.\w+\.switch_mlp"
+        match = r"layout\.json disagrees with config\.json at model\.layers\.\d+\.\w+\.(switch_mlp|experts)"
     else:
         del config["hidden_size"]  # qwen3_moe and mixtral need it; DeepSeek/GLM's default disagrees with the experts
         match = "lacks 'hidden_size'" if family.name == "qwen3_moe" else "hidden_size|disagrees|shape"
@@ -429,3 +425,22 @@ def test_config_that_disagrees_is_named(family, tmp_path, edit):
     with pytest.raises(CheckpointError, match=match) as e:
         flash_moe.load(folder)
     assert "\n" not in str(e.value)
+
+
+def test_fewer_slots_than_experts(family, seed):
+    """A prompt needing more distinct experts than the store has slots reads them a slot set at a time:
+    the same logits. gpt-oss's experts run on MLX ops (OwnFormExperts), the others on StreamingExperts."""
+    from flash_moe.family_experts import OwnFormExperts
+    from flash_moe.streaming import StreamingExperts
+
+    kind = OwnFormExperts if family.name == "gpt_oss" else StreamingExperts
+    switches = [m for _, m in family.model.model.named_modules() if isinstance(m, StreamedSwitch)]
+    assert switches and all(type(m.experts) is kind for m in switches)
+    model = flash_moe.load(family.dst16, slots=2)
+    try:
+        tokens = family.decisive_tokens(np.random.default_rng(seed), (1, 16))
+        a, b = run(model, tokens), run(family.model, tokens)
+        assert model.stats.snapshot().totals()["experts"] > 2 * len(switches)  # more than one slot set a layer
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=family.note(seed))
+    finally:
+        model.close()
