@@ -1,9 +1,8 @@
 """Convert a Hugging Face checkpoint of a family mlx-lm implements into flash_moe's streaming format.
 
 mlx-lm's model class names and stacks the experts (its ``sanitize``); flash_moe packs them
-(docs/format.md). One decoder layer at a time: the layer's source tensors are sanitized alone
-(relabelled as layer 0, the layer every family's ``sanitize`` recognises a checkpoint's naming by),
-its stacked experts are packed, one projection in memory at a time, and its other tensors join the
+(docs/format.md). One decoder layer at a time: the layer's source tensors are sanitized alone, its
+stacked experts are packed, one projection in memory at a time, and its other tensors join the
 resident weights. Peak memory is about one layer's experts plus the resident weights.
 """
 
@@ -152,6 +151,16 @@ def relabel(weights: dict, old: int, new: int) -> dict:
     return {(b + k[len(a):] if k.startswith(a) else k): v for k, v in weights.items()}
 
 
+def sanitize_part(model, part: dict, layer: int | None, switch: str | None) -> dict:
+    """mlx-lm's ``sanitize`` on one layer's tensors (or the tensors outside the layers). A family that tells
+    a checkpoint's naming by layer 0's keys alone (Mixtral) stacks nothing elsewhere: then the layer is
+    sanitized again relabelled as layer 0."""
+    out = model.sanitize(dict(part))
+    if switch is None or f"{switch}.gate_proj.weight" in out or layer == 0:
+        return out
+    return relabel(model.sanitize(relabel(part, layer, 0)), 0, layer)
+
+
 def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_size: int = 64,
                    dtype: str = "bfloat16", resident_bits: int | None = None, progress: bool = True) -> Path:
     """``flash_moe.convert`` for a family mlx-lm implements (same arguments; see ``convert``)."""
@@ -191,11 +200,7 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     resident, checksums = {}, {}
     for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
                       disable=not progress):
-        part = groups.pop(layer)
-        if layer is not None:
-            part = relabel(model.sanitize(relabel(part, layer, 0)), 0, layer)
-        else:
-            part = model.sanitize(part)
+        part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer))
         if layer in by_layer:
             prefix = by_layer[layer] + "."
             stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}

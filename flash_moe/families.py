@@ -30,7 +30,7 @@ EXTRA = 'pip install "flash-moe[mlx-lm]"'
 ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
 # Optional in the released configs, but required (no default) by some ModelArgs.
 OPTIONAL = {"rope_scaling": None}
-ROUTING_ATTRS = ("top_k", "num_experts_per_tok")  # what the families' routers read K from
+ROUTING_ATTRS = ("top_k", "num_experts_per_tok", "k")  # what the families' MoE blocks and routers read K from
 
 
 def is_family(config: dict) -> bool:
@@ -102,6 +102,19 @@ def expert_form(switch: nn.Module) -> str:
     return "swiglu" if plain else "own"
 
 
+def routing_attrs(model: nn.Module, switch_paths=None) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) holding K in each MoE block (the parent of a switch; by default of each
+    StreamedSwitch) and its direct children (its router): the family's own top-k, read on every call."""
+    if switch_paths is None:
+        switch_paths = [p for p, m in model.named_modules() if isinstance(m, StreamedSwitch)]
+    blocks = {p.rsplit(".", 1)[0] for p in switch_paths}
+    found = []
+    for path, module in model.named_modules():
+        if path in blocks or path.rsplit(".", 1)[0] in blocks:
+            found += [(module, n) for n in ROUTING_ATTRS if type(getattr(module, n, None)) is int]
+    return found
+
+
 def expert_shape(switch: nn.Module) -> tuple[int, int, int]:
     """(experts, hidden, intermediate) of a SwitchGLU, from its (lazy, never evaluated) weights' shapes."""
     e, i, d = switch.gate_proj.weight.shape
@@ -165,12 +178,8 @@ class FamilyModel(LoadedModel):
         top-k, group-limited or not, renormalised and scaled as the family does."""
         if not 1 <= k <= self.args.num_experts:
             raise ValueError(f"experts_per_token must be in 1..{self.args.num_experts}, got {k}")
-        blocks = {p.rsplit(".", 1)[0] for p, m in self.model.named_modules() if isinstance(m, StreamedSwitch)}
-        for path, module in self.model.named_modules():
-            if path in blocks or path.rsplit(".", 1)[0] in blocks:  # the MoE block and its router
-                for name in ROUTING_ATTRS:
-                    if isinstance(getattr(module, name, None), int):
-                        setattr(module, name, k)
+        for module, name in routing_attrs(self.model):
+            setattr(module, name, k)
         if hasattr(self.model.args, "num_experts_per_tok"):
             self.model.args.num_experts_per_tok = k
         self.args.num_experts_per_tok = k
@@ -234,8 +243,11 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     if not resident.exists():
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where_from = read_tensors([resident])
-    k = args.num_experts_per_tok
     store, cache = None, None
+    k = max((getattr(m, n) for m, n in routing_attrs(model, found)), default=None)
+    if k is None:
+        raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} keeps its top-k under none of "
+                              f"{ROUTING_ATTRS}; its experts per token cannot be known or set")
     if stream:
         capacity = slots or min(layout.num_experts, max(32, 2 * k))
         cached = cache_capacity(cache_experts, layout)

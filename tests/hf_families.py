@@ -8,6 +8,7 @@ multiples of 64 so the same checkpoint converts at 4 bits too.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,27 @@ FAMILIES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True)),
+    # DeepSeek-V3's model under model_type "kimi_k2" (mlx-lm remaps it): one group, 384-expert-like routing
+    "kimi_k2": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=140, hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=12,
+        num_experts_per_tok=3, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+        q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, routed_scaling_factor=2.827)),
+    # shared expert behind a sigmoid gate, attention q/k/v biases, un-normalised top-k
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=96, norm_topk_prob=False)),
+    # q/k norms over all heads, experts of intermediate_size
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0)),
+    # DeepSeek-V3-like routing (sigmoid, correction bias, groups) with GQA attention and q/k norms
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True)),
     # experts with biases and a clamped SwiGLU, shipped in mxfp4; router with a bias; sinks; sliding window 8
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +69,9 @@ FAMILIES = {
         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
                              original_max_position_embeddings=4096, truncate=True))),
 }
+
+
+SAVED_AS = {"kimi_k2": "kimi_k2"}
 
 
 def build(name: str, folder: Path, *, seed: int, **overrides) -> tuple[Path, torch.nn.Module]:
@@ -60,6 +85,9 @@ def build(name: str, folder: Path, *, seed: int, **overrides) -> tuple[Path, tor
         to_mxfp4(model, folder)
     else:
         model.save_pretrained(folder)
+    if name in SAVED_AS:  # a release whose config names another model_type than transformers' class
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": SAVED_AS[name]}))
     return Path(folder), model
 
 

@@ -30,7 +30,7 @@ from flash_moe.files import CheckpointError
 REL_TOL = 1e-4
 ROUTER_MARGIN = 1e-4
 ARGMAX_MARGIN = 1e-3
-STREAMED = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss"]
+STREAMED = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss", "kimi_k2", "qwen2_moe", "olmoe", "dots1"]
 
 
 class Family:
@@ -404,7 +404,7 @@ def test_unconverted_checkpoint_says_convert(family):
         flash_moe.load(family.src)
 
 
-INTERMEDIATE = {"mixtral": "intermediate_size", "gpt_oss": "intermediate_size"}
+INTERMEDIATE = {"mixtral": "intermediate_size", "gpt_oss": "intermediate_size", "olmoe": "intermediate_size"}
 
 
 @pytest.mark.parametrize("edit", ["intermediate", "missing hidden_size"])
