@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import read_tensors, safetensors_files
 from .files import CheckpointError, atomic_write_json, read_json
 from .layout import PROJECTIONS, ExpertLayout, ModelLayout, expert_checksum
-from .families import architecture, expert_shape, layer_of, model_args, switches
+from .families import architecture, build, expert_shape, layer_of, switches
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BATCH = 8  # experts quantized per call
@@ -151,14 +151,19 @@ def relabel(weights: dict, old: int, new: int) -> dict:
     return {(b + k[len(a):] if k.startswith(a) else k): v for k, v in weights.items()}
 
 
-def sanitize_part(model, part: dict, layer: int | None, switch: str | None) -> dict:
+def sanitize_part(model, part: dict, layer: int | None, switch: str | None, where: Path) -> dict:
     """mlx-lm's ``sanitize`` on one layer's tensors (or the tensors outside the layers). A family that tells
     a checkpoint's naming by layer 0's keys alone (Mixtral) stacks nothing elsewhere: then the layer is
     sanitized again relabelled as layer 0."""
-    out = model.sanitize(dict(part))
-    if switch is None or f"{switch}.gate_proj.weight" in out or layer == 0:
-        return out
-    return relabel(model.sanitize(relabel(part, layer, 0)), 0, layer)
+    try:
+        out = model.sanitize(dict(part))
+        if switch is None or f"{switch}.gate_proj.weight" in out or layer == 0:
+            return out
+        return relabel(model.sanitize(relabel(part, layer, 0)), 0, layer)
+    except (KeyError, ValueError, IndexError, TypeError) as e:  # e.g. a sanitize that wants every layer at once
+        part_name = "the tensors outside the layers" if layer is None else f"layer {layer}'s tensors"
+        raise CheckpointError(f"{where}: mlx-lm's {type(model).__module__.rsplit('.', 1)[-1]} sanitize fails on {part_name} "
+                              f"alone ({type(e).__name__}: {e}); this family cannot be converted layer by layer") from None
 
 
 def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_size: int = 64,
@@ -173,7 +178,7 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     if src_quant and resident_bits:
         raise CheckpointError(f"{where}: the checkpoint is already MLX-quantized; convert without --resident-bits")
     arch = architecture(config, where)
-    model = arch.Model(model_args(arch, config, where))  # for sanitize and the module tree; never evaluated
+    model = build(arch, config, where)  # for sanitize and the module tree; never evaluated
     found = switches(model)
     if not found:
         raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} has no SwitchGLU routed experts to stream")
@@ -200,7 +205,7 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     resident, checksums = {}, {}
     for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
                       disable=not progress):
-        part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer))
+        part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer), src)
         if layer in by_layer:
             prefix = by_layer[layer] + "."
             stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}

@@ -80,6 +80,17 @@ def model_args(arch, config: dict, where: Path | str):
     return arch.ModelArgs.from_dict(cfg)
 
 
+def build(arch, config: dict, where: Path | str) -> nn.Module:
+    """mlx-lm's model of the family, its weights lazy random arrays that are never evaluated (every one is
+    replaced before use). A config its constructor cannot take is a one-line error."""
+    args = model_args(arch, config, where)
+    try:
+        return arch.Model(args)
+    except (TypeError, ValueError, AttributeError, KeyError, AssertionError, ArithmeticError) as e:
+        raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} cannot be built from it "
+                              f"({type(e).__name__}: {e})") from None
+
+
 def layer_of(path: str) -> int:
     parts = path.split(".")
     return int(parts[parts.index("layers") + 1])
@@ -227,8 +238,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
 
     where = path / "config.json"
     arch = architecture(config, where)
-    args = model_args(arch, config, where)
-    model = arch.Model(args)  # expert weights are lazy random arrays here: replaced below, never evaluated
+    model = build(arch, config, where)
     layout = ModelLayout.read(path)
     found = switches(model)
     e = layout.expert
@@ -278,7 +288,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     weights = cast_floats(model, weights, dtype or model_dtype(weights))
     load_weights(model, weights, {}, where_from, path)
     mx.eval(model.parameters())
-    fargs = FamilyArgs(config["model_type"], e.hidden, args.num_hidden_layers, layout.num_experts, k,
+    fargs = FamilyArgs(config["model_type"], e.hidden, len(model.layers), layout.num_experts, k,
                        config.get("eos_token_id"))
     loaded = FamilyModel(model, config, path, store, fargs)
     loaded.cache = cache

@@ -24,7 +24,7 @@ from conftest import derive_seed, seed_note
 
 import flash_moe
 from flash_moe.convert import convert
-from flash_moe.families import EXTRA, StreamedSwitch
+from flash_moe.families import EXTRA, StreamedSwitch, architecture, build
 from flash_moe.files import CheckpointError
 
 REL_TOL = 1e-4
@@ -158,7 +158,7 @@ def mlx_lm_resident(family, bits: int | None, group_size: int, resident=None):
     (and the other modules ``resident(path, module)`` names, with the settings it returns)."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    from flash_moe.families import architecture, model_args
+    from flash_moe.families import model_args
 
     def predicate(path, module):
         if isinstance(module, SwitchLinear):
@@ -444,3 +444,26 @@ def test_fewer_slots_than_experts(family, seed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=family.note(seed))
     finally:
         model.close()
+
+
+def test_family_code_failures_are_one_line(family, tmp_path, monkeypatch):
+    """mlx-lm's constructor or sanitize failing on what it is given: a CheckpointError naming the file."""
+    import json
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(family.src, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0, "num_key_value_heads": 0}))
+    with pytest.raises(CheckpointError, match=r"config\.json: mlx-lm's \w+ cannot be built from it") as e:
+        convert(src, tmp_path / "a", progress=False)
+    assert "\n" not in str(e.value)
+    (src / "config.json").write_text(json.dumps(config))
+    model_class = type(build(architecture(config, src), config, src))
+
+    def sanitize(self, weights):
+        raise KeyError("model.layers.9.mlp.experts.0.up_proj.weight")
+
+    monkeypatch.setattr(model_class, "sanitize", sanitize)
+    with pytest.raises(CheckpointError, match="sanitize fails on .* cannot be converted layer by layer"):
+        convert(src, tmp_path / "b", progress=False)
