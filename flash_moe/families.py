@@ -260,7 +260,9 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
                               f"{ROUTING_ATTRS}; its experts per token cannot be known or set")
     if stream:
         capacity = slots or min(layout.num_experts, max(32, 2 * k))
-        cached = cache_capacity(cache_experts, layout)
+        # OwnFormExperts read through the store alone: a device cache would only hold memory for them
+        own = all(expert_form(s) == "own" for s in found.values())
+        cached = 0 if own else cache_capacity(cache_experts, layout)
         if direct_io == "auto":
             direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,

@@ -467,3 +467,17 @@ def test_family_code_failures_are_one_line(family, tmp_path, monkeypatch):
     monkeypatch.setattr(model_class, "sanitize", sanitize)
     with pytest.raises(CheckpointError, match="sanitize fails on .* cannot be converted layer by layer"):
         convert(src, tmp_path / "b", progress=False)
+
+
+def test_conversion_memory_is_one_layer(tmp_path, seed):
+    """Peak MLX memory while converting stays about one layer's experts (+ the resident weights), whatever
+    the layer count: sanitize runs on one layer's tensors, and one stacked projection is evaluated at a time."""
+    shape = dict(num_hidden_layers=6, mlp_only_layers=[], num_experts=16, moe_intermediate_size=256,
+                 hidden_size=128, head_dim=32)
+    src, _ = hf_families.build("qwen3_moe", tmp_path / "hf", seed=seed, **shape)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    dst = convert(src, tmp_path / "out", bits=4, dtype="float32", progress=False)
+    layer = 16 * 3 * 128 * 256 * 4  # one layer's experts in float32
+    resident = (dst / "resident.safetensors").stat().st_size
+    assert mx.get_peak_memory() <= 1.5 * layer + resident, (mx.get_peak_memory(), layer, resident)
