@@ -9,6 +9,7 @@ multiples of 64 so the same checkpoint converts at 4 bits too.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,45 @@ def routing_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
         for h in handles:
             h.remove()
     return min(gaps)
+
+
+@torch.no_grad()
+def to_fp8(model: torch.nn.Module, folder: Path) -> None:
+    """Rewrite a saved DeepSeek-V3 checkpoint as its release ships: every layer matrix but the router in
+    float8 e4m3 with a float32 ``weight_scale_inv`` per 128 x 128 block. The scales are powers of two, so
+    the dequantized values are exact in bfloat16 (mlx-lm dequantizes to bfloat16); the torch model gets
+    them too and stays the exact reference."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    params = dict(model.named_parameters())
+    for name, w in list(tensors.items()):
+        if ".layers." not in name or w.ndim != 2 or name.endswith("mlp.gate.weight") or "norm" in name:
+            continue
+        out, inp = w.shape
+        blocks = -(-out // 128), -(-inp // 128)
+        padded = torch.zeros(blocks[0] * 128, blocks[1] * 128)
+        padded[:out, :inp] = w
+        amax = padded.reshape(blocks[0], 128, blocks[1], 128).abs().amax(dim=(1, 3)).clamp(min=1e-12)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))  # a power of two per block
+        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:out, :inp]
+        q = (w / full).to(torch.float8_e4m3fn)
+        tensors[name] = q
+        tensors[name.replace(".weight", ".weight_scale_inv")] = scale.float()
+        target = params.get(name)
+        if target is None:  # transformers 5 holds the experts fused: set the expert's rows there
+            m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+            if proj == "down":
+                params[prefix + ".down_proj"][e].copy_(q.float() * full)
+            else:
+                rows = params[prefix + ".gate_up_proj"][e]
+                half = rows.shape[0] // 2
+                (rows[:half] if proj == "gate" else rows[half:]).copy_(q.float() * full)
+        else:
+            target.copy_(q.float() * full)
+    for f in files:
+        f.unlink()
+    save_file(tensors, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+    (Path(folder) / "model.safetensors.index.json").unlink(missing_ok=True)

@@ -481,3 +481,23 @@ def test_conversion_memory_is_one_layer(tmp_path, seed):
     layer = 16 * 3 * 128 * 256 * 4  # one layer's experts in float32
     resident = (dst / "resident.safetensors").stat().st_size
     assert mx.get_peak_memory() <= 1.5 * layer + resident, (mx.get_peak_memory(), layer, resident)
+
+
+def test_deepseek_fp8_release_dequantized_by_sanitize(tmp_path, seed):
+    """DeepSeek-V3 / Kimi-K2 ship float8 matrices with block scales: mlx-lm's sanitize dequantizes them layer
+    by layer; streamed logits equal transformers on the dequantized weights."""
+    name = "deepseek_v3"
+    src, torch_model = hf_families.build(name, tmp_path / "hf", seed=seed)
+    hf_families.to_fp8(torch_model, src)
+    model = flash_moe.load(convert(src, tmp_path / "out", bits=16, dtype="float32", progress=False))
+    try:
+        gen = np.random.default_rng(seed)
+        tokens = next(t for t in (hf_models.random_tokens(gen, torch_model.config.vocab_size, (1, 12)) for _ in range(20))
+                      if hf_families.routing_margin(torch_model, torch.from_numpy(t)) > ROUTER_MARGIN)
+        assert any(v.dtype == mx.uint8 for v in mx.load(str(src / "model.safetensors")).values())
+        with torch.no_grad():
+            ref = torch_model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+        err = rel_err(run(model, tokens), ref)
+        assert err <= REL_TOL, f"relative error {err:.2e} " + seed_note(seed)
+    finally:
+        model.close()
