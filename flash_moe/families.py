@@ -286,7 +286,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     quantize_like(model, config.get("quantization"), set(weights))
     if not stream:  # the experts are in the tree already; resident.safetensors holds the rest
         inside = tuple(p + "." for p in found)
-        weights.update({k: v for k, v in tree_flatten(model.parameters()) if k.startswith(inside) and k not in weights})
+        weights.update({n: a for n, a in tree_flatten(model.parameters()) if n.startswith(inside) and n not in weights})
     weights = cast_floats(model, weights, dtype or model_dtype(weights))
     load_weights(model, weights, {}, where_from, path)
     mx.eval(model.parameters())
