@@ -206,6 +206,10 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
                       disable=not progress):
         part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer), src)
+        raw = [k for k, v in part.items() if v.dtype in (mx.uint8, mx.int8) and not k.endswith(".scales")]
+        if raw:  # float8 (or other raw bytes) that this family's sanitize does not dequantize
+            raise CheckpointError(f"{src}: tensor {raw[0]!r} is {part[raw[0]].dtype} after mlx-lm's sanitize (a "
+                                  "float8 release it does not dequantize?); convert the bfloat16 release")
         if layer in by_layer:
             prefix = by_layer[layer] + "."
             stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}

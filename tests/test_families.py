@@ -501,3 +501,15 @@ def test_deepseek_fp8_release_dequantized_by_sanitize(tmp_path, seed):
         assert err <= REL_TOL, f"relative error {err:.2e} " + seed_note(seed)
     finally:
         model.close()
+
+
+def test_undequantized_float8_refused(tmp_path, seed, monkeypatch):
+    """A float8 release whose family's sanitize leaves the bytes as they are (GLM-4.5-FP8) must not be read as
+    numbers: a named error."""
+    from mlx_lm.models import deepseek_v3
+
+    src, torch_model = hf_families.build("deepseek_v3", tmp_path / "hf", seed=seed)
+    hf_families.to_fp8(torch_model, src)
+    monkeypatch.setattr(deepseek_v3.Model, "sanitize", lambda self, weights: weights)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.[\w.]+' is mlx\.core\.uint8 after mlx-lm's sanitize"):
+        convert(src, tmp_path / "out", bits=4, progress=False)
