@@ -469,9 +469,10 @@ def test_family_code_failures_are_one_line(family, tmp_path, monkeypatch):
         convert(src, tmp_path / "b", progress=False)
 
 
-def test_conversion_memory_is_one_layer(tmp_path, seed):
+def test_memory_is_one_layer_converting_and_slots_streaming(tmp_path, seed):
     """Peak MLX memory while converting stays about one layer's experts (+ the resident weights), whatever
-    the layer count: sanitize runs on one layer's tensors, and one stacked projection is evaluated at a time."""
+    the layer count: sanitize runs on one layer's tensors, and one stacked projection is evaluated at a time.
+    Streaming, it stays the resident weights + the slot buffers, far below all the experts."""
     shape = dict(num_hidden_layers=6, mlp_only_layers=[], num_experts=16, moe_intermediate_size=256,
                  hidden_size=128, head_dim=32)
     src, _ = hf_families.build("qwen3_moe", tmp_path / "hf", seed=seed, **shape)
@@ -483,6 +484,23 @@ def test_conversion_memory_is_one_layer(tmp_path, seed):
     layer = 16 * 3 * 128 * 256 * 4  # one layer's experts in float32
     resident = (dst / "resident.safetensors").stat().st_size
     assert peak <= 1.5 * layer + resident, (peak, layer, resident)
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model = flash_moe.load(dst, slots=4)
+    try:
+        tokens = hf_models.random_tokens(np.random.default_rng(seed), 120, (1, 24))
+        for _ in range(3):
+            run(model, tokens)
+        e = model.store.layout
+        experts = len(e.moe_layers) * e.num_experts * e.expert.expert_bytes
+        slots = model.store.buffers.nbytes  # the fixed budget: slot sets (each 2 MB-aligned)
+        peak = mx.get_peak_memory() - before
+        assert model.stats.snapshot().totals()["experts"] > 16 * 6  # every expert read, a slot set at a time
+        assert peak <= resident + slots + experts / 8, (peak, resident, slots, experts)
+    finally:
+        model.close()
 
 
 def test_deepseek_fp8_release_dequantized_by_sanitize(tmp_path, seed):
