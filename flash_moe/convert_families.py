@@ -166,9 +166,11 @@ def sanitize_part(model, part: dict, layer: int | None, switch: str | None, wher
                               f"alone ({type(e).__name__}: {e}); this family cannot be converted layer by layer") from None
 
 
-def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_size: int = 64,
-                   dtype: str = "bfloat16", resident_bits: int | None = None, progress: bool = True) -> Path:
-    """``flash_moe.convert`` for a family mlx-lm implements (same arguments; see ``convert``)."""
+def convert_family(src: Path, dst: Path, config: dict, *, bits: int | None = None, group_size: int | None = None,
+                   dtype: str | None = None, resident_bits: int | None = None, progress: bool = True,
+                   overwrite: bool = False) -> Path:
+    """``flash_moe.convert`` for a family mlx-lm implements (same arguments; see ``convert``). ``bits``,
+    ``group_size`` and ``dtype`` default to an MLX-quantized source's own, else to 4, 64 and bfloat16."""
     from tqdm.auto import tqdm
 
     from .convert import TOKENIZER_FILES
@@ -182,12 +184,16 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     found = switches(model)
     if not found:
         raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} has no SwitchGLU routed experts to stream")
+    weights, where_from = read_tensors(safetensors_files(src))  # lazy: a tensor is read when evaluated
+    scales = next((v.dtype for k, v in weights.items() if k.endswith(".scales") and mx.issubdtype(v.dtype, mx.floating)),
+                  None)
+    bits = bits or (src_quant or {}).get("bits") or 4
+    group_size = group_size or (src_quant or {}).get("group_size") or 64
+    dtype = dtype or (str(scales).split(".")[-1] if src_quant and scales else "bfloat16")
     by_layer = {layer_of(p): p for p in found}
     num_experts, hidden, intermediate = expert_shape(next(iter(found.values())))
     layout = ExpertLayout(hidden, intermediate, bits, group_size, dtype)
     num_layers = len(model.layers)
-
-    weights, where_from = read_tensors(safetensors_files(src))  # lazy: a tensor is read when evaluated
     groups: dict[int | None, dict] = {}
     for k, v in weights.items():
         m = LAYER.match(k)
@@ -201,6 +207,11 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int = 4, group_s
     settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
                 "num_experts": num_experts, "layers": sorted(by_layer)}
     (dst / "experts").mkdir(parents=True, exist_ok=True)
+    if overwrite:  # start over: only what a conversion writes
+        for name in (PROGRESS, "layout.json", "resident.safetensors"):
+            (dst / name).unlink(missing_ok=True)
+        for f in (dst / "experts").glob("layer_*.bin*"):
+            f.unlink()
     done = finished_layers(dst, settings)
     resident, checksums = {}, {}
     for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",

@@ -533,3 +533,28 @@ def test_undequantized_float8_refused(tmp_path, seed, monkeypatch):
     monkeypatch.setattr(deepseek_v3.Model, "sanitize", lambda self, weights: weights)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.[\w.]+' is mlx\.core\.uint8 after mlx-lm's sanitize"):
         convert(src, tmp_path / "out", bits=4, progress=False)
+
+
+def test_settings_default_to_the_source(family, tmp_path):
+    """convert_family without bits / group size / dtype: an MLX-quantized source's own (repacked, not refused),
+    else 4 bits, group 64, bfloat16; overwrite starts a finished destination over."""
+    import json
+
+    from flash_moe.convert_families import convert_family
+    from flash_moe.layout import ModelLayout
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    reference, qconfig = quantize_model(mlx_lm_resident(family, None, 64), dict(family.model.raw_config), 32, 8)
+    save_model(tmp_path / "mlx", reference)
+    save_config(qconfig, tmp_path / "mlx" / "config.json")
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    dst = convert_family(tmp_path / "mlx", tmp_path / "a", config, progress=False)
+    e = ModelLayout.read(dst).expert
+    assert (e.bits, e.group_size, e.dtype) == (8, 32, "float32")
+    dst = convert_family(family.src, tmp_path / "b", family.model.raw_config, progress=False)
+    e = ModelLayout.read(dst).expert
+    assert (e.bits, e.group_size, e.dtype) == (4, 64, "bfloat16")
+    with pytest.raises(CheckpointError, match="already holds a converted model"):
+        convert_family(family.src, dst, family.model.raw_config, progress=False)
+    convert_family(family.src, dst, family.model.raw_config, bits=8, progress=False, overwrite=True)
+    assert ModelLayout.read(dst).expert.bits == 8
