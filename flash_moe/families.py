@@ -161,6 +161,7 @@ class FamilyArgs:
     num_hidden_layers: int
     num_experts: int
     num_experts_per_tok: int
+    vocab_size: int | None = None
     eos_token_id: int | list[int] | None = None
 
 
@@ -176,6 +177,9 @@ class FamilyModel(LoadedModel):
         return self.args
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        return self.forward(tokens, cache)
+
+    def forward(self, tokens: mx.array, cache=None) -> mx.array:
         # No speculative tokens: they snapshot flash_moe's own cache classes, and mlx-lm's have no snapshot.
         return self.model(tokens[None] if tokens.ndim == 1 else tokens, cache)
 
@@ -291,7 +295,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     load_weights(model, weights, {}, where_from, path)
     mx.eval(model.parameters())
     fargs = FamilyArgs(config["model_type"], e.hidden, len(model.layers), layout.num_experts, k,
-                       config.get("eos_token_id"))
+                       getattr(model.args, "vocab_size", config.get("vocab_size")), config.get("eos_token_id"))
     loaded = FamilyModel(model, config, path, store, fargs)
     loaded.cache = cache
     return loaded

@@ -87,6 +87,7 @@ def test_every_expert_layer_is_streamed(family):
     assert len(streamed) == len(moe) == len(family.model.store.layout.moe_layers) > 0
     assert moe == family.model.store.layout.moe_layers
     assert "streamed" in repr(family.model) and family.name in repr(family.model)
+    assert family.model.config.vocab_size == family.vocab
 
 
 def test_full_sequence_logits(family, seed):
