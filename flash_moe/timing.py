@@ -71,7 +71,7 @@ class PhaseTimer:
             name = "linear_attn" if linear else "self_attn"
             self._patch(layer, name, _Timed(self, getattr(layer, name), "gdn" if linear else "attention", i))
             block = next((n for n in ("mlp", "block_sparse_moe") if hasattr(layer, n)), None)
-            moe = getattr(layer, block, None)
+            moe = getattr(layer, block) if block else None
             # flash_moe's block holds its experts provider; an mlx-lm block holds it inside its StreamedSwitch
             # (``switch_mlp``, or ``experts`` in gpt-oss)
             owner = getattr(moe, "switch_mlp", moe)
