@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .checkpoint import read_tensors, safetensors_files
-from .files import CheckpointError, atomic_write_json, read_json
+from .files import CheckpointError, atomic_write_json, copy_file, create_new, open_regular
 from .layout import PROJECTIONS, ExpertLayout, ModelLayout, expert_checksum
 from .families import architecture, build, expert_shape, layer_of, switches
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BATCH = 8  # experts quantized per call
-PROGRESS = "progress.json"
 
 
 def _storage(a: mx.array) -> np.ndarray:
@@ -40,8 +38,8 @@ def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path)
     num_experts = stacked["gate_proj.weight"].shape[0]
     dtype = getattr(mx, layout.dtype)
     partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with create_new(partial) as f:  # a new file: never through a link planted at that name
+        fd = f.fileno()
         os.ftruncate(fd, num_experts * layout.stride)
         for proj in PROJECTIONS:
             src = {kind: stacked.pop(f"{proj}.{kind}") for kind in ("weight", "scales", "biases")
@@ -62,8 +60,10 @@ def pack_experts(stacked: dict[str, mx.array], layout: ExpertLayout, path: Path)
                     for i, row in enumerate(rows):
                         os.pwrite(fd, row.tobytes(), (first + i) * layout.stride + spec.offset)
             del src
-        sums = [expert_checksum(os.pread(fd, layout.expert_bytes, e * layout.stride)) for e in range(num_experts)]
         os.fsync(fd)
+    fd = open_regular(partial)  # each expert was written in pieces: its checksum from the bytes on disk
+    try:
+        sums = [expert_checksum(os.pread(fd, layout.expert_bytes, e * layout.stride)) for e in range(num_experts)]
     finally:
         os.close(fd)
     os.replace(partial, path)
@@ -95,28 +95,6 @@ def check_source_quant(stacked: dict, layout: ExpertLayout, where: str) -> None:
         raise CheckpointError(f"{where}: experts are MLX-quantized at {bits} bits, group size {group}, {dtype} "
                               f"scales; convert with --bits {bits} --group-size {group} --dtype {dtype} to "
                               "repack them without requantizing")
-
-
-def verified(path: Path, layout: ExpertLayout, sums: list[str]) -> bool:
-    """A layer file an earlier run finished: right size, every expert's checksum as recorded."""
-    if not path.is_file() or path.stat().st_size != len(sums) * layout.stride:
-        return False
-    with open(path, "rb") as f:
-        return all(expert_checksum(os.pread(f.fileno(), layout.expert_bytes, e * layout.stride)) == s
-                   for e, s in enumerate(sums))
-
-
-def finished_layers(dst: Path, settings: dict) -> dict[int, list[str]]:
-    """Checksums of the layers an interrupted run into ``dst`` wrote with the same settings (progress.json)."""
-    if (dst / "layout.json").exists():
-        raise CheckpointError(f"{dst}: already holds a converted model; choose another destination")
-    if not (dst / PROGRESS).exists():
-        return {}
-    data = read_json(dst / PROGRESS)
-    if data.get("settings") != settings:
-        raise CheckpointError(f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); "
-                              "remove it or choose another destination")
-    return {int(k): v for k, v in data["layers"].items()}
 
 
 def quantize_resident(model, resident: dict, bits: int, group_size: int) -> dict:
@@ -166,14 +144,16 @@ def sanitize_part(model, part: dict, layer: int | None, switch: str | None, wher
                               f"alone ({type(e).__name__}: {e}); this family cannot be converted layer by layer") from None
 
 
-def convert_family(src: Path, dst: Path, config: dict, *, bits: int | None = None, group_size: int | None = None,
+def convert_family(src: Path, dst: Path, config: dict, source: dict, *, bits: int | None = None, group_size: int | None = None,
                    dtype: str | None = None, resident_bits: int | None = None, progress: bool = True,
                    overwrite: bool = False) -> Path:
-    """``flash_moe.convert`` for a family mlx-lm implements (same arguments; see ``convert``). ``bits``,
-    ``group_size`` and ``dtype`` default to an MLX-quantized source's own, else to 4, 64 and bfloat16."""
-    from tqdm.auto import tqdm
+    """``flash_moe.convert`` for a family mlx-lm implements, called by it once the source's files and tensor
+    headers are checked (``source``: its identity, recorded as convert records it). Same arguments; ``bits``,
+    ``group_size`` and ``dtype`` default to an MLX-quantized source's own, else to 4, 64 and bfloat16. DST is
+    locked, resumed or refused as for any model (``convert.destination``)."""
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
-    from .convert import TOKENIZER_FILES
+    from .convert import PROGRESS, RESIDENT, TOKENIZER_FILES, destination, verify_layer
 
     where = src / "config.json"
     src_quant = config.get("quantization")
@@ -206,66 +186,68 @@ def convert_family(src: Path, dst: Path, config: dict, *, bits: int | None = Non
     keep = getattr(model, "cast_predicate", None) or (lambda k: True)
     settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
                 "num_experts": num_experts, "layers": sorted(by_layer)}
-    (dst / "experts").mkdir(parents=True, exist_ok=True)
-    if overwrite:  # start over: only what a conversion writes
-        for name in (PROGRESS, "layout.json", "resident.safetensors"):
-            (dst / name).unlink(missing_ok=True)
-        for f in (dst / "experts").glob("layer_*.bin*"):
-            f.unlink()
-    done = finished_layers(dst, settings)
-    resident, checksums = {}, {}
-    for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
-                      disable=not progress):
-        part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer), src)
-        raw = [k for k, v in part.items() if v.dtype in (mx.uint8, mx.int8) and not k.endswith(".scales")]
-        if raw:  # float8 (or other raw bytes) that this family's sanitize does not dequantize
-            raise CheckpointError(f"{src}: tensor {raw[0]!r} is {part[raw[0]].dtype} after mlx-lm's sanitize (a "
-                                  "float8 release it does not dequantize?); convert the bfloat16 release")
-        if layer in by_layer:
-            prefix = by_layer[layer] + "."
-            stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}
-            for proj in PROJECTIONS:  # expert biases (gpt-oss) stay resident, by the streamed module's name
-                if f"{proj}.bias" in stacked:
-                    part[f"{prefix}experts.{proj}.bias"] = stacked.pop(f"{proj}.bias")
-            dequantize_mxfp4(stacked)
-            names = {f"{p}.weight" for p in PROJECTIONS}
-            kinds = {f"{p}.{k}" for p in PROJECTIONS for k in ("scales", "biases")}
-            if not names <= set(stacked) <= names | kinds:
-                got = sorted(stacked) or "none"
-                raise CheckpointError(f"{src}: layer {layer}: expected stacked experts {sorted(names)} under "
-                                      f"{prefix[:-1]} after mlx-lm's sanitize, got {got}")
-            check_source_quant(stacked, layout, f"{src}: layer {layer}")
-            up = stacked["up_proj.weight"]  # (E, I, D), or (E, I, D * bits / 32) when MLX-quantized
-            shape = (up.shape[0], hidden if "up_proj.scales" in stacked else up.shape[2], up.shape[1])
-            if shape != (num_experts, hidden, intermediate):
-                raise CheckpointError(f"{src}: layer {layer}: experts of shape (experts, hidden, intermediate) "
-                                      f"{shape}, config.json says {(num_experts, hidden, intermediate)}")
-            path = dst / ModelLayout.layer_file(layer)
-            if layer in done and verified(path, layout, done[layer]):
-                checksums[layer] = done[layer]  # an earlier run's layer: its experts are never evaluated
-            else:
-                checksums[layer] = pack_experts(stacked, layout, path)
-                atomic_write_json(dst / PROGRESS, {"settings": settings,
-                                                   "layers": {str(k): v for k, v in checksums.items()}})
-        for k, v in part.items():
-            resident[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v
-        mx.eval(list(resident.values()))  # this layer's source tensors are released here
-    if set(checksums) != set(by_layer):
-        missing = sorted(set(by_layer) - set(checksums))
-        raise CheckpointError(f"{src}: no tensors for MoE layer {missing[0]} in {', '.join(sorted(set(where_from.values())))}")
+    with destination(dst, settings, source, layout, overwrite) as state:
+        done = {int(k): v for k, v in state["layers"].items()}
+        resident, checksums = {}, {}
+        for layer in tqdm(sorted(groups, key=lambda l: -1 if l is None else l), desc="layers", unit="layer",
+                          disable=not progress):
+            part = sanitize_part(model, groups.pop(layer), layer, by_layer.get(layer), src)
+            raw = [k for k, v in part.items() if v.dtype in (mx.uint8, mx.int8) and not k.endswith(".scales")]
+            if raw:  # float8 (or other raw bytes) that this family's sanitize does not dequantize
+                raise CheckpointError(f"{src}: tensor {raw[0]!r} is {part[raw[0]].dtype} after mlx-lm's sanitize (a "
+                                      "float8 release it does not dequantize?); convert the bfloat16 release")
+            if layer in by_layer:
+                prefix = by_layer[layer] + "."
+                stacked = {k[len(prefix):]: part.pop(k) for k in list(part) if k.startswith(prefix)}
+                for proj in PROJECTIONS:  # expert biases (gpt-oss) stay resident, by the streamed module's name
+                    if f"{proj}.bias" in stacked:
+                        part[f"{prefix}experts.{proj}.bias"] = stacked.pop(f"{proj}.bias")
+                dequantize_mxfp4(stacked)
+                names = {f"{p}.weight" for p in PROJECTIONS}
+                kinds = {f"{p}.{k}" for p in PROJECTIONS for k in ("scales", "biases")}
+                if not names <= set(stacked) <= names | kinds:
+                    got = sorted(stacked) or "none"
+                    raise CheckpointError(f"{src}: layer {layer}: expected stacked experts {sorted(names)} under "
+                                          f"{prefix[:-1]} after mlx-lm's sanitize, got {got}")
+                check_source_quant(stacked, layout, f"{src}: layer {layer}")
+                up = stacked["up_proj.weight"]  # (E, I, D), or (E, I, D * bits / 32) when MLX-quantized
+                shape = (up.shape[0], hidden if "up_proj.scales" in stacked else up.shape[2], up.shape[1])
+                if shape != (num_experts, hidden, intermediate):
+                    raise CheckpointError(f"{src}: layer {layer}: experts of shape (experts, hidden, intermediate) "
+                                          f"{shape}, config.json says {(num_experts, hidden, intermediate)}")
+                path = dst / ModelLayout.layer_file(layer)
+                if layer in done and verify_layer(path, layout, num_experts, done[layer]):
+                    checksums[layer] = done[layer]  # an earlier run's layer: its experts are never evaluated
+                else:
+                    checksums[layer] = pack_experts(stacked, layout, path)
+                    state["layers"] = {str(k): v for k, v in checksums.items()}
+                    atomic_write_json(dst / PROGRESS, state)
+            for k, v in part.items():
+                resident[k] = v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v
+            mx.eval(list(resident.values()))  # this layer's source tensors are released here
+        if set(checksums) != set(by_layer):
+            missing = sorted(set(by_layer) - set(checksums))
+            files = ", ".join(sorted(set(where_from.values())))
+            raise CheckpointError(f"{src}: no tensors for MoE layer {missing[0]} in {files}")
 
-    quant = quantize_resident(model, resident, resident_bits, group_size) if resident_bits else src_quant
-    partial = dst / "resident.partial.safetensors"  # mx.save_safetensors wants the suffix
-    mx.save_safetensors(str(partial), resident, metadata={"format": "mlx", "producer": "flash_moe"})
-    os.replace(partial, dst / "resident.safetensors")
-    out_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if quant:
-        out_config["quantization"] = quant
-    out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype, "via": "mlx-lm"}
-    atomic_write_json(dst / "config.json", out_config)
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
-    atomic_write_json(dst / "layout.json", ModelLayout(layout, num_experts, sorted(checksums), checksums).to_json())
-    (dst / PROGRESS).unlink(missing_ok=True)
+        quant = quantize_resident(model, resident, resident_bits, group_size) if resident_bits else src_quant
+        partial = dst / "resident.partial.safetensors"
+        with create_new(partial) as f:  # a new file: never through a link planted at that name
+            mx.save_safetensors(f, resident, metadata={"format": "mlx", "producer": "flash_moe"})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, dst / RESIDENT)
+        out_config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        if quant:
+            out_config["quantization"] = quant
+        out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype,
+                                   "via": "mlx-lm"}
+        atomic_write_json(dst / "config.json", out_config)
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                copy_file(src / name, dst / name)
+        record = ModelLayout(layout, num_experts, sorted(checksums), checksums).to_json()
+        record["conversion"] = {"source": source, "settings": settings}  # what a later run resumes or refuses
+        atomic_write_json(dst / "layout.json", record)
+        (dst / PROGRESS).unlink()
     return dst

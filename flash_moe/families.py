@@ -161,7 +161,7 @@ class FamilyArgs:
     num_hidden_layers: int
     num_experts: int
     num_experts_per_tok: int
-    vocab_size: int | None = None
+    vocab_size: int
     eos_token_id: int | list[int] | None = None
 
 
@@ -176,11 +176,9 @@ class FamilyModel(LoadedModel):
     def config(self) -> FamilyArgs:
         return self.args
 
-    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        return self.forward(tokens, cache)
-
     def forward(self, tokens: mx.array, cache=None) -> mx.array:
-        # No speculative tokens: they snapshot flash_moe's own cache classes, and mlx-lm's have no snapshot.
+        """``self(tokens, cache)`` (LoadedModel's, which checks the ids first) without the id check.
+        No speculative tokens: they snapshot flash_moe's own cache classes, and mlx-lm's have no snapshot."""
         return self.model(tokens[None] if tokens.ndim == 1 else tokens, cache)
 
     def make_cache(self) -> list:
@@ -230,7 +228,7 @@ def quantize_like(model: nn.Module, quant: dict | None, names: set[str]) -> None
 
 def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = None, threads: int = 8,
                 stream: bool = True, cache_experts="auto", read_chunk: int = 2 << 20,
-                direct_io: bool | str = "auto") -> FamilyModel:
+                direct_io: bool | str = "auto", verify: str = "off") -> FamilyModel:
     """A converted folder of a family mlx-lm implements: mlx-lm's model, routed experts from the ExpertStore."""
     from .checkpoint import load_weights, model_dtype, read_tensors
     from .expert_cache import ExpertCache
@@ -270,7 +268,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
         if direct_io == "auto":
             direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
-                            buffers=slot_buffers(layout), direct=bool(direct_io))
+                            buffers=slot_buffers(layout), direct=bool(direct_io), verify=verify)
         cache = ExpertCache(store, cached) if cached else None
 
     def provider(switch, layer):
@@ -279,7 +277,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
         if stream:
             return OwnFormExperts(switch.activation, e, layout.num_experts, store, layer)
         prefix = f"model.layers.{layer}.mlp.experts."
-        packed = {n[len(prefix):]: a for n, a in read_packed_experts(path, layout, layer).items()}
+        packed = {n[len(prefix):]: a for n, a in read_packed_experts(path, layout, layer, verify).items()}
         if expert_form(switch) == "own":
             return OwnFormExperts(switch.activation, e, layout.num_experts, arrays=packed)
         experts = ResidentExperts(layout.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)

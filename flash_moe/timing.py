@@ -132,6 +132,8 @@ class PhaseTimer:
 
     def table(self) -> str:
         s = self.summary()
+        if not s["tokens"]:  # every rate below would be 0/0
+            return "timing: no tokens were generated, nothing to show"
         cols = PHASES
         lines = [f"{'ms/token':<18}" + "".join(f"{c:>15}" for c in cols) + f"{'total':>10}"]
         for name, row in sorted(s["rows"].items()):

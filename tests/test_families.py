@@ -8,6 +8,8 @@ own routing); at 4 bits to mlx-lm's own resident model on the same quantized wei
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import mlx.core as mx
@@ -74,7 +76,7 @@ def run(model, tokens: np.ndarray, cache=None) -> np.ndarray:
 
 def greedy(model, prompt: np.ndarray, n: int) -> list[int]:
     """Greedy tokens through flash_moe's own generation loop (make_cache, prefill, one token a step)."""
-    from flash_moe.generate import generate_step
+    from flash_moe.generation import generate_step
 
     steps = generate_step(mx.array(prompt[0].astype(np.int32)), model, max_tokens=n)
     return [token for token, _ in steps]
@@ -284,10 +286,19 @@ def test_interrupted_conversion_resumes(family, tmp_path, monkeypatch):
     for f in sorted((family.dst4 / "experts").iterdir()):
         assert (dst / "experts" / f.name).read_bytes() == f.read_bytes(), f.name
     assert not (dst / "progress.json").exists()
+    # The finished folder records its source and settings (as convert does for every model): other settings
+    # or another source are refused, overwrite starts over.
     with pytest.raises(CheckpointError, match="other settings"):
-        (dst / "layout.json").rename(dst / "progress.json.bak")
-        cf.atomic_write_json(dst / "progress.json", {"settings": {"bits": 8}, "layers": {}})
-        convert(family.src, dst, bits=4, dtype="float32", progress=False)
+        convert(family.src, dst, bits=8, dtype="float32", progress=False)
+    other = tmp_path / "copy"
+    shutil.copytree(family.src, other)
+    with pytest.raises(CheckpointError, match="not of"):
+        convert(other, dst, bits=4, dtype="float32", progress=False)
+    assert json.loads((dst / "layout.json").read_text())["conversion"]["source"]["path"] == str(family.src.resolve())
+    repacked.clear()
+    convert(other, dst, bits=4, dtype="float32", progress=False, overwrite=True)
+    assert len(repacked) == len(family.model.store.layout.moe_layers)
+    assert json.loads((dst / "layout.json").read_text())["conversion"]["source"]["path"] == str(other.resolve())
 
 
 def test_mlx_quantized_source_repacked_as_is(family, tmp_path, seed):
@@ -325,7 +336,7 @@ def test_mlx_quantized_source_repacked_as_is(family, tmp_path, seed):
 
 def test_phase_timer(family, seed):
     """--timing on a family: attention, routing, expert I/O and compute, the rest of the block, per token."""
-    from flash_moe.generate import generate_step
+    from flash_moe.generation import generate_step
     from flash_moe.timing import PHASES, PhaseTimer
 
     timer = PhaseTimer(family.model).install()
@@ -363,7 +374,7 @@ def with_tokenizer(tmp_path_factory):
 def test_generate_with_tokenizer(with_tokenizer):
     """LoadedModel.generate / stream_generate on a family model: the demo's tokenizer and chat template, text
     equal to transformers' greedy continuation decoded, a chat prompt through the template."""
-    from flash_moe.generate import eos_token_ids
+    from flash_moe.generation import eos_token_ids
 
     folder, torch_model, seed = with_tokenizer
     model = flash_moe.load(folder)
@@ -537,25 +548,94 @@ def test_undequantized_float8_refused(tmp_path, seed, monkeypatch):
 
 
 def test_settings_default_to_the_source(family, tmp_path):
-    """convert_family without bits / group size / dtype: an MLX-quantized source's own (repacked, not refused),
-    else 4 bits, group 64, bfloat16; overwrite starts a finished destination over."""
-    import json
-
-    from flash_moe.convert_families import convert_family
+    """convert without bits / group size / dtype: an MLX-quantized source's own (repacked, not refused),
+    else 4 bits, group 64, bfloat16; other settings are refused in a finished destination, overwrite starts
+    it over."""
     from flash_moe.layout import ModelLayout
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     reference, qconfig = quantize_model(mlx_lm_resident(family, None, 64), dict(family.model.raw_config), 32, 8)
     save_model(tmp_path / "mlx", reference)
     save_config(qconfig, tmp_path / "mlx" / "config.json")
-    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
-    dst = convert_family(tmp_path / "mlx", tmp_path / "a", config, progress=False)
+    dst = convert(tmp_path / "mlx", tmp_path / "a", progress=False)
     e = ModelLayout.read(dst).expert
     assert (e.bits, e.group_size, e.dtype) == (8, 32, "float32")
-    dst = convert_family(family.src, tmp_path / "b", family.model.raw_config, progress=False)
+    dst = convert(family.src, tmp_path / "b", progress=False)
     e = ModelLayout.read(dst).expert
     assert (e.bits, e.group_size, e.dtype) == (4, 64, "bfloat16")
-    with pytest.raises(CheckpointError, match="already holds a converted model"):
-        convert_family(family.src, dst, family.model.raw_config, progress=False)
-    convert_family(family.src, dst, family.model.raw_config, bits=8, progress=False, overwrite=True)
+    with pytest.raises(CheckpointError, match="other settings"):
+        convert(family.src, dst, bits=8, progress=False)
+    convert(family.src, dst, bits=8, progress=False, overwrite=True)
     assert ModelLayout.read(dst).expert.bits == 8
+
+
+def test_prompt_cache_across_generations(family, seed):
+    """generate_step with prompt_cache= over the family's own (mlx-lm) caches: a prompt that extends the
+    cached one, one that diverges inside it and a shorter one each give a fresh run's tokens and logprobs,
+    reusing what the caches allow (KV trimmed back; gpt-oss's sliding-window cache, once past its window of
+    8, cannot be trimmed and starts over)."""
+    from flash_moe.generation import generate_step
+
+    def steps(ids, cache=None):
+        out = list(generate_step(mx.array(np.array(ids, np.int32)), family.model, max_tokens=4, prompt_cache=cache))
+        return [t for t, _ in out], np.stack([np.array(lp) for _, lp in out])
+
+    def check(ids, cache, reused):
+        assert cache.reusable(ids) == reused, f"reusable {cache.reusable(ids)} != {reused} {family.note(seed)}"
+        (got, lp), (want, ref) = steps(ids, cache), steps(ids)
+        assert got == want, f"tokens {got} != fresh {want} {family.note(seed)}"
+        err = rel_err(lp, ref)
+        assert err <= REL_TOL, f"logprobs: relative error {err:.2e} vs a fresh run {family.note(seed)}"
+        return got
+
+    gen = np.random.default_rng(seed)
+    first = hf_models.random_tokens(gen, family.vocab, (12,)).tolist()
+    cache = family.model.make_prompt_cache()
+    out = check(first, cache, 0)
+    assert cache.tokens == first + out[:-1]
+    longer = cache.tokens + hf_models.random_tokens(gen, family.vocab, (3,)).tolist()
+    check(longer, cache, len(cache.tokens))  # everything cached is reused, trimmable or not
+    rotated = family.name == "gpt_oss"  # its sliding layers hold the last 8 tokens of 20 now
+    diverged = first[:6] + [(first[6] + 1) % family.vocab] + first[7:]
+    check(diverged, cache, 0 if rotated else 6)
+    check(first[:5], cache, 0 if rotated else 4)  # at least the last prompt token is processed
+
+
+def test_family_surface_checks(family, tmp_path):
+    """Token ids checked by model(tokens) (forward skips it, as generation uses it); prompt cache files and
+    continuous batching, made for flash_moe's own caches, refuse a family model in one line."""
+    from flash_moe.batch import Batch
+    from flash_moe.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    with pytest.raises(ValueError, match="out of range"):
+        family.model(mx.array([[1, family.vocab]]))
+    assert family.model.forward(mx.array([[1, 2]])).shape == (1, 2, family.vocab)
+    cache = family.model.make_prompt_cache()
+    with pytest.raises(ValueError, match="prompt cache files are for flash_moe's own models"):
+        save_prompt_cache(tmp_path / "c.safetensors", cache, family.model)
+    with pytest.raises(ValueError, match="prompt cache files are for flash_moe's own models"):
+        load_prompt_cache(tmp_path / "c.safetensors", family.model)
+    with pytest.raises(ValueError, match="continuous batching runs flash_moe's own models"):
+        Batch(family.model)
+
+
+def test_verify_reaches_the_store(family, tmp_path):
+    """load(verify=) checks a family's experts as any model's: a damaged expert is named on first read."""
+    from flash_moe.layout import ModelLayout
+
+    folder = tmp_path / "m"
+    shutil.copytree(family.dst4, folder)
+    layout = ModelLayout.read(folder)
+    layer = layout.moe_layers[0]
+    path = folder / layout.layer_file(layer)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF  # expert 0 of the first MoE layer: sampled by "sample" ((e + l) % 16 == 0 needs l % 16 == 0)
+    path.write_bytes(bytes(data))
+    model = flash_moe.load(folder, verify="full")
+    try:
+        with pytest.raises(CheckpointError, match=f"layer {layer}.*expert 0"):  # 64 tokens reach every expert
+            model(mx.array(np.arange(64, dtype=np.int32)[None] % family.vocab))
+    finally:
+        model.close()
+    with pytest.raises(CheckpointError, match=f"layer {layer}"):
+        flash_moe.load(folder, stream=False, verify="full")

@@ -20,7 +20,7 @@ import mlx.core as mx
 import pytest
 
 import flash_moe
-import flash_moe.generate as gen
+import flash_moe.generation as gen
 from flash_moe import chat as chat_mod
 from flash_moe import tools
 from flash_moe.tool_calls import ToolCall, ToolCallError
