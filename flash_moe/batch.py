@@ -20,7 +20,7 @@ import mlx.core as mx
 from .cache import ArraysCache, BatchKVCache, KVCache
 from .files import CheckpointError
 from .model import check_token_ids
-from .prompt_cache import PromptCache, make_prompt_cache
+from .prompt_cache import PromptCache, make_prompt_cache, own_cache
 from .sample import make_logits_processors, make_sampler, step_keys
 
 
@@ -49,6 +49,10 @@ class Batch:
     """Sequences being prefilled (one chunk per step) and sequences decoded together."""
 
     def __init__(self, model, prefill_step_size: int = 512):
+        other = next((c for c in model.make_cache() if not own_cache(c)), None)
+        if other is not None:  # decode batches stack flash_moe's own KV and GDN caches
+            raise ValueError(f"continuous batching runs flash_moe's own models; {model.config.model_type} runs "
+                             f"through mlx-lm (its {type(other).__name__}): use generate or chat")
         self.model, self.prefill_step_size = model, prefill_step_size
         self.forward = getattr(model, "forward", model)  # the model call without its per-call id check
         self.prefilling: list[BatchSequence] = []

@@ -21,6 +21,8 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +31,7 @@ import numpy as np
 
 from .checkpoint import (CheckpointError, build_model, load_weights, read_config, read_tensors,
                          safetensors_files)
+from .families import is_family
 from .files import (JSON_LIMIT, atomic_write_json, copy_file, create_new, locked, open_regular, read_bytes,
                     read_json, remove_entry)
 from .layout import ExpertLayout, ModelLayout, expert_checksum as checksum
@@ -187,7 +190,7 @@ def _write_layer(source: ExpertSource, layout: ExpertLayout, num_experts: int, p
     return sums
 
 
-def _verify_layer(path: Path, layout: ExpertLayout, num_experts: int, sums: list[str]) -> bool:
+def verify_layer(path: Path, layout: ExpertLayout, num_experts: int, sums: list[str]) -> bool:
     """Does the finished layer file hold exactly the experts of these checksums? (Anything else is redone.)"""
     if os.path.islink(path) or len(sums) != num_experts:
         return False
@@ -308,15 +311,22 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_
         raise CheckpointError(f"{dst}: is the source folder; convert into another folder")
     config_bytes = _read_source_file(src_path / "config.json")  # before read_config: a FIFO must not block
     config = read_config(src_path)
-    try:
-        args = ModelArgs.from_config(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{src_path / 'config.json'}: {e}") from None
+    family = is_family(config)  # a model mlx-lm implements: its sanitize names the experts
+    if not family:
+        try:
+            args = ModelArgs.from_config(config)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{src_path / 'config.json'}: {e}") from None
     files = safetensors_files(src_path)
     source, data_starts = _identify(src, src_path, revision, config_bytes, files)
     index = SafetensorsIndex(files)
     try:
         _check_tensors(index, data_starts)
+        if family:
+            from .convert_families import convert_family
+
+            return convert_family(src_path, dst, config, source, bits=bits, group_size=group_size, dtype=dtype,
+                                  resident_bits=resident_bits, progress=progress, overwrite=overwrite)
         moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
         sources = {i: ExpertSource(index, i, args.num_experts) for i in moe_layers}
         src_quant = config.get("quantization")
@@ -337,15 +347,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_
 
         settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
                     "num_experts": args.num_experts, "layers": moe_layers}
-        try:
-            dst.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"{dst}: cannot create the destination folder ({e.strerror})") from None
-        with locked(dst):
-            if overwrite:
-                _clear(dst)
-            state = _resume(dst, settings, source, layout)  # first: from here on DST says "unfinished"
-            _experts_folder(dst)
+        with destination(dst, settings, source, layout, overwrite) as state:
 
             # Resident weights first: every non-expert tensor is read (and a broken one found) before hours
             # of expert packing; a resumed run keeps the finished file.
@@ -359,7 +361,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_
             checksums, done = {}, {int(k): v for k, v in state["layers"].items()}
             for layer in tqdm(moe_layers, desc="layers", unit="layer", disable=not progress):
                 path = dst / ModelLayout.layer_file(layer)
-                if layer in done and _verify_layer(path, layout, args.num_experts, done[layer]):
+                if layer in done and verify_layer(path, layout, args.num_experts, done[layer]):
                     checksums[layer] = done[layer]
                     continue
                 checksums[layer] = _write_layer(sources[layer], layout, args.num_experts, path, f"layer {layer}", progress)
@@ -490,6 +492,23 @@ def _check_tensors(index: SafetensorsIndex, data_starts: dict[Path, int]) -> Non
 START_OVER = "pass --overwrite (overwrite=True) to start over, or choose another destination"
 OWN_FILES = (RESIDENT, "resident.partial.safetensors", "layout.json", PROGRESS, "config.json", *TOKENIZER_FILES)
 LAYER_FILE = re.compile(r"layer_\d+\.bin(\.partial)?")
+
+
+@contextmanager
+def destination(dst: Path, settings: dict, source: dict, layout: ExpertLayout, overwrite: bool) -> Iterator[dict]:
+    """DST made and locked for the ``with`` block, cleared first with ``overwrite``, and the state to write to
+    progress.json: what an earlier run from the same source with the same settings finished (another
+    source or other settings are refused). Both converters (this one and convert_families) go through here."""
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot create the destination folder ({e.strerror})") from None
+    with locked(dst):
+        if overwrite:
+            _clear(dst)
+        state = _resume(dst, settings, source, layout)  # first: from here on DST says "unfinished"
+        _experts_folder(dst)
+        yield state
 
 
 def _clear(dst: Path) -> None:

@@ -276,10 +276,15 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
     from .experts import ResidentExperts
+    from .families import is_family, load_family
     from .store import ExpertStore, direct_readable
     from .streaming import StreamingExperts
 
     config = read_config(path)
+    if is_family(config):  # a model mlx-lm implements, its experts streamed through its SwitchGLU seam
+        return load_family(path, config, dtype=dtype, slots=slots, threads=threads, stream=stream,
+                           cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
+                           verify=verify)
     args = model_args(config, path)
     layout = ModelLayout.read(path)
     resident = path / "resident.safetensors"
@@ -352,6 +357,11 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
                                 cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
                                 verify=verify)
     else:
+        from .families import is_family
+
+        if is_family(config := read_config(path)):
+            raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} runs through mlx-lm with streamed "
+                                  f"experts; convert it first: flash-moe convert {path} DST")
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:

@@ -36,6 +36,13 @@ FORMAT = "flash_moe.prompt_cache/1"
 DEFAULT_CHECKPOINTS = 4
 
 
+def own_cache(c) -> bool:
+    """flash_moe's own cache classes (KVCache, ArraysCache). Any other is mlx-lm's (a family model's,
+    families.py): it is moved back with its own ``is_trimmable()`` / ``trim(n)``, never checkpointed, and a
+    state that cannot be trimmed to the reused prefix starts over from fresh layers."""
+    return isinstance(c, (KVCache, ArraysCache))
+
+
 @dataclass(eq=False)  # compared by identity: its arrays have no truth value
 class Checkpoint:
     """The state after the first ``length`` cached tokens: per layer None (attention: the offset is
@@ -57,15 +64,22 @@ class PromptCache:
     on ``layers`` directly does not (the cache notices the mismatch and falls back to a checkpoint).
     """
 
-    def __init__(self, layers: list, max_checkpoints: int = DEFAULT_CHECKPOINTS):
+    def __init__(self, layers: list, max_checkpoints: int = DEFAULT_CHECKPOINTS, make_layers=None):
         if max_checkpoints < 0:
             raise ValueError(f"max_checkpoints must be >= 0, got {max_checkpoints}")
         self.layers = layers
         self.tokens: list[int] = []
         self.checkpoints: list[Checkpoint] = []  # increasing length
         self.max_checkpoints = max_checkpoints
-        # Without GDN layers any prefix is reachable by moving the KV offsets back: no snapshots needed.
-        self.trimmable = not any(isinstance(c, ArraysCache) for c in layers)
+        self.make_layers = make_layers  # fresh layers, for mlx-lm caches that cannot be trimmed back
+        # Checkpoints snapshot flash_moe's own GDN states; mlx-lm's caches have no snapshot to take.
+        self.checkpointable = all(own_cache(c) for c in layers)
+
+    @property
+    def trimmable(self) -> bool:
+        """Any prefix is reachable by moving the KV offsets back (no GDN layer, no mlx-lm cache that has
+        rotated past its window): no snapshots needed."""
+        return all(isinstance(c, KVCache) or (not own_cache(c) and c.is_trimmable()) for c in self.layers)
 
     def __repr__(self):
         return (f"PromptCache({len(self.tokens)} tokens, {len(self.checkpoints)} checkpoints at "
@@ -105,10 +119,21 @@ class PromptCache:
         n, checkpoint = self._plan(ids)
         if n == len(self.tokens) and checkpoint is None and self._intact():
             return n
+        fresh = None
         for i, c in enumerate(self.layers):
             if isinstance(c, ArraysCache):
                 c.cache = list(checkpoint.states[i]) if checkpoint else [None] * len(c.cache)
-            c.offset = n  # KVCache: later writes overwrite from here
+                c.offset = n
+            elif isinstance(c, KVCache):
+                c.offset = n  # later writes overwrite from here
+            elif c.is_trimmable():
+                c.trim(c.offset - n)  # mlx-lm's cache: offset (and a rotating cache's write index) back
+            else:  # n == 0 here (_plan): start this layer over
+                if self.make_layers is None:
+                    raise ValueError(f"layer {i}'s {type(c).__name__} cannot be trimmed and this PromptCache "
+                                     "has no make_layers to start over with")
+                fresh = fresh or self.make_layers()
+                self.layers[i] = fresh[i]
         del self.tokens[n:]
         self.checkpoints = [c for c in self.checkpoints if c.length <= n]
         return n
@@ -124,7 +149,8 @@ class PromptCache:
         into them, and MLX never changes an array another reference still holds, so later tokens leave the
         snapshot as it was. Attention needs only the offset: KV below it is never written again while the
         checkpoint lives (a restore to an earlier point drops every checkpoint past that point)."""
-        if self.trimmable or self.max_checkpoints == 0 or not self.tokens or not self._intact():
+        if (self.trimmable or not self.checkpointable or self.max_checkpoints == 0 or not self.tokens
+                or not self._intact()):
             return
         states = [list(c.cache) if isinstance(c, ArraysCache) else None for c in self.layers]
         self.checkpoints = [c for c in self.checkpoints if c.length < len(self.tokens)]
@@ -159,7 +185,15 @@ class PromptCache:
 
 def make_prompt_cache(model, max_checkpoints: int = DEFAULT_CHECKPOINTS) -> PromptCache:
     """An empty prompt cache for ``model`` (a ``LoadedModel`` or a bare ``Model``)."""
-    return PromptCache(model.make_cache(), max_checkpoints)
+    return PromptCache(model.make_cache(), max_checkpoints, model.make_cache)
+
+
+def _check_own(layers: list, model) -> None:
+    """Cache files hold flash_moe's own cache classes; a family model's are mlx-lm's."""
+    other = next((c for c in layers if not own_cache(c)), None)
+    if other is not None:
+        raise ValueError(f"prompt cache files are for flash_moe's own models; {model.config.model_type} keeps "
+                         f"mlx-lm's {type(other).__name__} (a prompt cache in memory works)")
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -182,6 +216,7 @@ def save_prompt_cache(path: str | Path, cache: PromptCache, model, metadata: dic
     """Write ``cache`` (state, tokens, checkpoints) to a safetensors file, atomically.
 
     ``metadata``: extra strings kept in the file (``flash-moe cache-prompt`` records the prompt text there)."""
+    _check_own(cache.layers, model)
     if not cache._intact():
         raise ValueError("the prompt cache is in the middle of a forward pass (interrupted?); nothing saved")
     arrays = {"tokens": mx.array(np.asarray(cache.tokens, np.int32).reshape(-1))}
@@ -210,6 +245,7 @@ def load_prompt_cache(path: str | Path, model, return_metadata: bool = False):
     """Read a cache written by ``save_prompt_cache`` for this model; one written for another model (other
     config, other converted weights) is refused with a ``CheckpointError``."""
     path = Path(path)
+    _check_own(model.make_cache(), model)
     fd = open_regular(path)
     try:
         with os.fdopen(fd, "rb") as f:

@@ -67,11 +67,19 @@ class PhaseTimer:
 
     def install(self) -> "PhaseTimer":
         for i, layer in enumerate(self.model.model.layers):
-            name = "linear_attn" if layer.is_linear else "self_attn"
-            self._patch(layer, name, _Timed(self, getattr(layer, name), "gdn" if layer.is_linear else "attention", i))
-            if hasattr(layer.mlp, "experts"):
-                self._patch(layer.mlp, "experts", _TimedExperts(self, layer.mlp.experts, "experts", i))
-                self._patch(layer, "mlp", _Timed(self, layer.mlp, "moe", i))
+            linear = getattr(layer, "is_linear", False)  # models through mlx-lm have attention only
+            name = "linear_attn" if linear else "self_attn"
+            self._patch(layer, name, _Timed(self, getattr(layer, name), "gdn" if linear else "attention", i))
+            block = next((n for n in ("mlp", "block_sparse_moe") if hasattr(layer, n)), None)
+            moe = getattr(layer, block) if block else None
+            # flash_moe's block holds its experts provider; an mlx-lm block holds it inside its StreamedSwitch
+            # (``switch_mlp``, or ``experts`` in gpt-oss)
+            owner = getattr(moe, "switch_mlp", moe)
+            if hasattr(getattr(owner, "experts", None), "experts"):
+                owner = owner.experts
+            if hasattr(owner, "experts"):
+                self._patch(owner, "experts", _TimedExperts(self, owner.experts, "experts", i))
+                self._patch(layer, block, _Timed(self, moe, "moe", i))
         return self
 
     def _patch(self, owner, name, wrapper):
@@ -107,7 +115,7 @@ class PhaseTimer:
     def summary(self) -> dict:
         """ms per token by phase, per layer type and in total, plus I/O per token."""
         n = max(self.tokens, 1)
-        kinds = {i: ("GDN" if l.is_linear else "full") for i, l in enumerate(self.model.model.layers)}
+        kinds = {i: ("GDN" if getattr(l, "is_linear", False) else "full") for i, l in enumerate(self.model.model.layers)}
         rows = defaultdict(lambda: defaultdict(float))
         for (layer, phase), s in self.times.items():
             rows["GDN layers" if kinds.get(layer) == "GDN" else "full-attn layers" if layer is not None else "head"][phase] += s
