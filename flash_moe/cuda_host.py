@@ -1,4 +1,4 @@
-"""Page-locked slot buffers for MLX's CUDA backend (a ``SlotBuffers`` for flash_moe/store.py).
+"""Page-locked slot buffers for MLX's CUDA backend (a ``SlotBuffers``, see flash_moe/slots.py).
 
 MLX's CUDA backend keeps host-made arrays in managed memory, which reaches the GPU at about
 2 GB/s. Here the store reads experts into page-locked (pinned) host memory instead, and
@@ -123,7 +123,7 @@ def _align(n: int) -> int:
 class PinnedSlotBuffers:
     """Slot sets in pinned host memory, handed to MLX by one pull kernel per fetch.
 
-    Same contract as ``store.HostSlotBuffers``; quantized layouts only (9 tensors per expert).
+    Same contract as ``slots.HostSlotBuffers``; quantized layouts only (9 tensors per expert).
     ``compute_arrays`` returns fresh MLX arrays (capacity, *shape) whose first ``count`` slots
     are filled when they are evaluated; the store's ``consumed_by`` keeps the host memory of
     a set unchanged until then.
