@@ -59,12 +59,16 @@ def cmd_verify(args) -> None:
 
 def cmd_generate(args) -> None:
     from . import load
+    from .distributed import follow, following
     from .timing import PhaseTimer
 
     model = load(args.model, **_loading(args))
+    timer = PhaseTimer(model).install() if args.timing else None  # on every rank: it evaluates per layer
+    if following(model):  # an expert-parallel rank other than 0: rank 0 has the text
+        follow(model, timer=timer)
+        return
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
-    timer = PhaseTimer(model).install() if args.timing else None
     last, calls = None, []
     for r in model.stream_generate(prompt, chat=chat, timer=timer, **_sampling(args)):
         print(r.text, end="", flush=True)
@@ -79,6 +83,7 @@ def cmd_generate(args) -> None:
     if timer:
         timer.uninstall()
         print(timer.table(), file=sys.stderr)
+    model.close()  # an expert-parallel run: tells the other ranks to finish
 
 
 def cmd_chat(args) -> None:

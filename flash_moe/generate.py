@@ -19,8 +19,19 @@ from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
 
 def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=None, logits_processors=(),
                   seed: int = 0, prefill_step_size: int = 512, timer=None) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) for up to ``max_tokens`` new tokens after ``prompt`` (1-D token ids)."""
-    sampler = sampler or make_sampler()
+    """Yield (token, logprobs) for up to ``max_tokens`` new tokens after ``prompt`` (1-D token ids).
+
+    In an expert-parallel run (``model.parallel``) every rank runs it together; the others take rank 0's
+    prompt and tokens (``flash_moe.distributed.lockstep``)."""
+    steps = dict(max_tokens=max_tokens, sampler=sampler or make_sampler(), logits_processors=logits_processors,
+                 seed=seed, prefill_step_size=prefill_step_size, timer=timer)
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None:
+        return parallel.lockstep(_steps, prompt, model, **steps)
+    return _steps(prompt, model, **steps)
+
+
+def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefill_step_size, timer):
     cache = model.make_cache()
     tokens = prompt
     if timer:

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_dtype, read_config,
                          read_tensors)
 from .layout import ModelLayout
@@ -35,6 +36,7 @@ class LoadedModel:
         self.path = path
         self.store = store
         self.cache = None  # the ExpertCache, when one was asked for
+        self.parallel = None  # expert-parallel runs: this rank's distributed.Parallel (group, expert owners)
         self._tokenizer = None
 
     @property
@@ -126,6 +128,8 @@ class LoadedModel:
                         enable_thinking=enable_thinking, chat=chat, **kwargs)
 
     def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()
         if self.store is not None:
             self.store.close()
 
@@ -226,7 +230,7 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
                    cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-                   direct_io: bool | str = "auto") -> LoadedModel:
+                   direct_io: bool | str = "auto", group="auto") -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -243,16 +247,24 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where = read_tensors([resident])
     e, store, cache = layout.expert, None, None
+    parallel = distributed.plan(group, path, layout)
+    if parallel is not None and not stream:
+        raise ValueError("an expert-parallel run streams its experts: load with stream=True, or group=None")
     if stream:
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
         cached = cache_capacity(cache_experts, layout)
+        if parallel is not None:  # a rank caches only what it owns
+            cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
         if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
             direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                              buffers=slot_buffers(layout), direct=bool(direct_io))
         if cached:
-            cache = ExpertCache(store, cached)
+            cache = ExpertCache(store, cached, owned=parallel and {l: parallel.owned(l) for l in layout.moe_layers})
         factory = lambda layer: StreamingExperts(store, layer, cache)
+        if parallel is not None:
+            factory = lambda layer: distributed.ExpertParallel(
+                StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel.group)
     else:
         for layer in layout.moe_layers:
             weights.update(read_packed_experts(path, layout, layer))
@@ -261,14 +273,14 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     loaded = LoadedModel(model, config, path, store)
-    loaded.cache = cache
+    loaded.cache, loaded.parallel = cache, parallel
     return loaded
 
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
          cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-         direct_io: bool | str = "auto", preload: bool = False) -> LoadedModel:
+         direct_io: bool | str = "auto", preload: bool = False, group="auto") -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -288,14 +300,21 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             when a device cache is in front, the layout is 4 KiB-aligned and the filesystem allows it).
         preload: fill the device cache before returning (every expert when they fit; with a progress bar).
             Without a device cache there is nothing to fill and this does nothing.
+        group: split each layer's experts over the ranks of an ``mx.distributed`` group (expert-parallel,
+            docs/distributed.md): "auto" (the default) uses ``mx.distributed.init()``'s group when the
+            process was started by ``mlx.launch`` with more than one rank; None runs this process alone.
+            Needs a converted folder with streamed experts.
     """
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():
         raise CheckpointError(f"{path}: the conversion into this folder did not finish; rerun flash-moe convert to resume it")
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
-                                cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io)
+                                cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io, group=group)
     else:
+        if distributed.resolve_group(group) is not None:
+            raise ValueError(f"{path}: an expert-parallel run needs a converted folder (flash-moe convert); "
+                             "pass group=None to run each process alone")
         model, config = load_checkpoint(path, dtype=_dtype(dtype))
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
