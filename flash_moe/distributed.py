@@ -18,6 +18,7 @@ with it, ``assign_experts`` balances the expected reads per token between the ra
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -37,7 +38,25 @@ USAGE_VERSION = 1
 _GENERATE, _QUIT = 1, 2
 _HEADER = 4  # kind, prompt length, prefill step size, max tokens
 _BACKEND_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")
-
+# MLX's ring backend does not always fail a collective whose peer died: an evaluation waiting on it can hang
+# (seen on 0.32.4), holding the GIL. A watchdog process ends a rank that made no progress inside a generation
+# for this long.
+TIMEOUT_ENV, DEFAULT_TIMEOUT = "FLASH_MOE_PARALLEL_TIMEOUT", 120.0
+_WATCHDOG = """
+import os, select, signal, sys, time
+fd, pid, timeout, message = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+busy = False
+while True:
+    ready = select.select([fd], [], [], timeout if busy else None)[0]
+    if not ready:
+        os.write(2, message.encode())
+        os.kill(pid, signal.SIGTERM)
+        sys.exit(0)
+    data = os.read(fd, 4096)
+    if not data:
+        sys.exit(0)
+    busy = data[-1:] == b"b"
+"""
 
 class ParallelError(RuntimeError):
     """A collective failed: another rank died, was killed or lost its connection (or the ranks diverged)."""
@@ -171,8 +190,53 @@ class Parallel:
     balanced_by: str | None = None  # the usage file the assignment was balanced by, None: round robin
     usage: dict | None = None
     _request: np.ndarray | None = None  # a generation request already received by ``follow``
+    timeout: float = DEFAULT_TIMEOUT  # seconds without progress inside a generation before the watchdog ends us
     _closed: bool = False
     _busy: bool = False  # inside a generation that has not ended cleanly: the collectives may be mid-way
+    _watchdog: int | None = None  # the pipe to the watchdog process
+
+    def __post_init__(self):
+        if self.timeout > 0:
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """A small process that ends this one when it stays busy without progress for ``timeout`` seconds: the
+        stuck thread waits inside MLX, holding the GIL, where no thread or signal handler of ours would run."""
+        import subprocess
+
+        message = (f"flash-moe: rank {self.rank} of {self.size}: no progress in an expert-parallel generation for "
+                   f"{self.timeout:g} s ({TIMEOUT_ENV}): another rank stopped (it crashed, was killed or lost its "
+                   "connection); ending this rank\n")
+        read, write = os.pipe()
+        try:
+            subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(read), str(os.getpid()),
+                              str(self.timeout), message], pass_fds=(read,), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)
+        self._watchdog = write
+
+    def _tell(self, word: bytes) -> None:
+        if self._watchdog is not None:
+            try:
+                os.write(self._watchdog, word)
+            except BlockingIOError:  # the pipe is full of beats the watchdog has yet to read: it knows
+                pass
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:  # the watchdog process sees the pipe close and ends
+            os.close(self._watchdog)
+            self._watchdog = None
+
+    def busy(self, flag: bool) -> None:
+        """Entering (True) or cleanly leaving (False) collectives that all ranks must reach."""
+        self._busy = flag
+        self._tell(b"b" if flag else b"i")
+
+    def beat(self) -> None:
+        """Progress: a MoE layer or a token went by."""
+        if self._busy:
+            self._tell(b"b")
 
     @property
     def rank(self) -> int:
@@ -209,10 +273,13 @@ class Parallel:
         # let this process's exit end their run (a ParallelError on each).
         if self._busy:
             return
+        self.busy(True)
         try:
             word = _share(np.array([_QUIT, 0, 0, 0], np.int32), self)
         except RuntimeError as e:
             raise _failure(e, self) from None
+        self.busy(False)
+        self._stop_watchdog()
         if word[0] != _QUIT:
             raise ParallelError(f"rank {self.rank} of {self.size}: closed while rank 0 started a generation")
 
@@ -228,7 +295,12 @@ def plan(group, folder: Path, layout, *, out=sys.stderr) -> Parallel | None:
         return None
     usage = read_usage(folder, layout.moe_layers, layout.num_experts)
     owners = assign_experts(layout.moe_layers, layout.num_experts, group.size(), usage)
-    parallel = Parallel(group, owners, str(Path(folder) / USAGE_FILE) if usage else None, usage)
+    timeout = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        timeout = float(timeout) if timeout else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={timeout!r}: not a number of seconds (0 turns the watchdog off)") from None
+    parallel = Parallel(group, owners, str(Path(folder) / USAGE_FILE) if usage else None, usage, timeout=timeout)
     if out is not None:
         print(f"flash_moe: {parallel.summary()}", file=out, flush=True)
     return parallel
@@ -238,13 +310,15 @@ class ExpertParallel(nn.Module):
     """The experts provider of an expert-parallel MoE layer: this rank's partial sum (``local`` computes only
     the pairs whose expert this rank owns, zeros for the rest), added over all ranks by one ``all_sum``."""
 
-    def __init__(self, local: nn.Module, group):
+    def __init__(self, local: nn.Module, parallel: Parallel):
         super().__init__()
         self.local = local
-        self._group = group
+        self._parallel = parallel
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        return mx.distributed.all_sum(self.local(x, inds, scores), group=self._group)
+        y = self.local(x, inds, scores)  # syncs on the routing, which waited for the previous layer's all_sum
+        self._parallel.beat()
+        return mx.distributed.all_sum(y, group=self._parallel.group)
 
 
 def _share(values: np.ndarray, parallel: Parallel) -> np.ndarray:
@@ -275,7 +349,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
     lead = p.rank == 0
     if p._closed:
         raise ParallelError(f"rank {p.rank} of {p.size}: the expert-parallel run was closed")
-    p._busy = True
+    p.busy(True)
     try:
         if lead:
             ids = np.array(prompt, np.int32).reshape(-1)
@@ -306,6 +380,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
                     break
             try:
                 item = next(inner)
+                p.beat()
             except StopIteration:  # the token budget: every rank's loop ends at the same count
                 break
             pending = True
@@ -317,7 +392,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
             if _share(np.array([0], np.int32), p)[0]:
                 raise ParallelError(f"rank {p.rank} of {p.size} stopped generating while rank 0 went on: "
                                     "every rank must take the whole generation")
-        p._busy = False
+        p.busy(False)
     except RuntimeError as e:
         raise _failure(e, p) from None
     finally:
@@ -344,6 +419,7 @@ def follow(model, timer=None) -> int:
             raise _failure(e, p) from None
         if header[0] == _QUIT:
             p._closed = True
+            p._stop_watchdog()
             return done
         p._request = header
         for _ in generate_step(mx.array([0], mx.int32), model, timer=timer):

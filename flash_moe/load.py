@@ -264,7 +264,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         factory = lambda layer: StreamingExperts(store, layer, cache)
         if parallel is not None:
             factory = lambda layer: distributed.ExpertParallel(
-                StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel.group)
+                StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel)
     else:
         for layer in layout.moe_layers:
             weights.update(read_packed_experts(path, layout, layer))

@@ -3,7 +3,8 @@
     python tests/distributed_worker.py FOLDER OUT.npz SPEC_JSON
 
 SPEC: {"tokens": [...] (prompt ids), "decode": [...] (ids fed one at a time after the prompt), "new": n (greedy
-tokens), "stop_after": m (a second generation whose consumer stops after m tokens), "load": {load kwargs}}.
+tokens), "stop_after": m (a second generation whose consumer stops after m tokens), "load": {load kwargs}};
+or {"tokens": [...], "forever": true}: generate until a rank dies, rank 0 printing each token.
 Every rank computes the same things and saves what it saw, with its store's read counters, to OUT.npz
 (``{rank}`` in OUT is replaced by the rank).
 """
@@ -22,6 +23,11 @@ def main(folder, out, spec):
     spec = json.loads(spec)
     model = load(folder, **spec.get("load", {}))
     p = model.parallel
+    if spec.get("forever"):  # until a rank dies: a line per token on rank 0
+        for t, _ in generate_step(mx.array(spec["tokens"], mx.int32), model, max_tokens=10**9):
+            if p.rank == 0:
+                print(t, flush=True)
+        return
     tokens = mx.array(spec["tokens"], mx.int32)[None]
     cache = model.make_cache()
     prefill = model(tokens, cache).astype(mx.float32)
