@@ -70,9 +70,12 @@ class StreamingExperts(nn.Module):
                 return mx.zeros(x.shape, x.dtype)
             if keep.all():
                 keep = None
-            elif len(ids) == 1 or self._cache is not None:
-                # One token (decode), or the device cache: compute the unowned pairs on an owned expert with
-                # score zero (exact: the sum adds +0.0); cheaper than gathering and scattering the owned pairs.
+            elif len(ids) == 1:  # one token (decode): its owned pairs are a shorter top-k
+                own = np.nonzero(keep[0])[0]
+                ids, scores, keep = ids[:, own], scores[:, mx.array(own)], None
+            elif self._cache is not None:
+                # The device cache computes on [N, K] indices: the unowned pairs run on an owned expert with
+                # score zero (exact: the sum adds +0.0).
                 ids = np.where(keep, ids, ids[keep][0])
                 scores = scores * mx.array(keep).astype(scores.dtype)
                 keep = None
