@@ -189,8 +189,8 @@ class Parallel:
     owners: dict  # layer -> int array [num_experts]: the owning rank
     balanced_by: str | None = None  # the usage file the assignment was balanced by, None: round robin
     usage: dict | None = None
-    _request: np.ndarray | None = None  # a generation request already received by ``follow``
     timeout: float = DEFAULT_TIMEOUT  # seconds without progress inside a generation before the watchdog ends us
+    _request: np.ndarray | None = None  # a generation request already received by ``follow``
     _closed: bool = False
     _busy: bool = False  # inside a generation that has not ended cleanly: the collectives may be mid-way
     _watchdog: int | None = None  # the pipe to the watchdog process
@@ -251,10 +251,10 @@ class Parallel:
         return self.owners[layer] == self.rank
 
     def summary(self) -> str:
-        per_layer = [int(self.owned(layer).sum()) for layer in self.owners]
+        per_layer = [int(self.owned(layer).sum()) for layer in self.owners] or [0]
         num_experts = len(next(iter(self.owners.values()))) if self.owners else 0
-        held = f"{min(per_layer)}" if min(per_layer, default=0) == max(per_layer, default=0) else \
-            f"{min(per_layer)}-{max(per_layer)}"
+        low, high = min(per_layer), max(per_layer)
+        held = f"{low}" if low == high else f"{low}-{high}"
         how = "round robin"
         if self.usage is not None:
             mine = sum(int(self.usage[l][self.owned(l)].sum()) for l in self.owners)
@@ -300,7 +300,7 @@ def plan(group, folder: Path, layout, *, out=sys.stderr) -> Parallel | None:
         timeout = float(timeout) if timeout else DEFAULT_TIMEOUT
     except ValueError:
         raise ValueError(f"{TIMEOUT_ENV}={timeout!r}: not a number of seconds (0 turns the watchdog off)") from None
-    parallel = Parallel(group, owners, str(Path(folder) / USAGE_FILE) if usage else None, usage, timeout=timeout)
+    parallel = Parallel(group, owners, str(Path(folder) / USAGE_FILE) if usage else None, usage, timeout)
     if out is not None:
         print(f"flash_moe: {parallel.summary()}", file=out, flush=True)
     return parallel

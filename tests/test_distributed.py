@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -225,6 +226,53 @@ def test_resident_checkpoint_refuses_a_group(tmp_path):
 
     with pytest.raises(ValueError, match="needs a converted folder"):
         load(flash_moe.demo.ASSETS, group=Two())  # a Hugging Face checkpoint: resident experts
+
+
+class FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_watchdog_ends_a_stuck_rank(tmp_path):
+    """A rank that stays inside a generation without progress is ended, with one line naming it; beats and
+    leaving the generation keep it alive."""
+    script = textwrap.dedent("""
+        import time
+        from flash_moe.distributed import Parallel
+        p = Parallel(G(1, 3), {}, timeout=1.0)  # G: a stand-in group, rank 1 of 3
+        p.busy(True)
+        for _ in range(8):  # 1.6 s of beats, more than the timeout
+            time.sleep(0.2)
+            p.beat()
+        p.busy(False)
+        time.sleep(1.5)  # idle: not watched
+        print("alive", flush=True)
+        p.busy(True)
+        time.sleep(30)  # stuck: the watchdog ends us
+        print("not ended")
+    """)
+    fake = "class G:\n    def __init__(self, r, n): self.r, self.n = r, n\n" \
+           "    def rank(self): return self.r\n    def size(self): return self.n\n"
+    run = subprocess.run([sys.executable, "-c", fake + script], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    assert run.stdout == "alive\n" and run.returncode != 0, (run.stdout, run.stderr)
+    assert "flash-moe: rank 1 of 3: no progress in an expert-parallel generation for 1 s" in run.stderr
+
+
+def test_watchdog_timeout_must_be_a_number(models, monkeypatch):
+    from flash_moe.distributed import plan
+    from flash_moe.layout import ModelLayout
+
+    folder = models(16)
+    monkeypatch.setenv("FLASH_MOE_PARALLEL_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="FLASH_MOE_PARALLEL_TIMEOUT='soon'"):
+        plan(FakeGroup(0, 2), folder, ModelLayout.read(folder))
 
 
 # ---- ranks on a localhost ring --------------------------------------------------------------------------
