@@ -61,7 +61,7 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
          enable_thinking=None, out=sys.stdout, load_options: dict | None = None, **sampling) -> None:
     """``load_options``: more keyword arguments of ``load`` (``cache_experts``, ``direct_io``, ...)."""
     from . import load
-    from .distributed import follow, following
+    from .distributed import finish, follow, following
 
     model = load(model_path, experts_per_token=experts_per_token, **(load_options or {}))
     if following(model):  # an expert-parallel rank other than 0: rank 0 talks, this one computes its experts
@@ -91,7 +91,7 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
             for call in calls:
                 history.append({"role": "tool", "content": _handle_call(call, out)})
     print("bye", file=out)
-    model.close()  # an expert-parallel run: tells the other ranks to finish
+    finish(model)  # a split run: the other ranks stop following
 
 
 def _reply(model, history, schemas, enable_thinking, out, sampling) -> tuple[str, list]:

@@ -59,7 +59,7 @@ def cmd_verify(args) -> None:
 
 def cmd_generate(args) -> None:
     from . import load
-    from .distributed import follow, following
+    from .distributed import finish, follow, following
     from .timing import PhaseTimer
 
     model = load(args.model, **_loading(args))
@@ -83,7 +83,7 @@ def cmd_generate(args) -> None:
     if timer:
         timer.uninstall()
         print(timer.table(), file=sys.stderr)
-    model.close()  # an expert-parallel run: tells the other ranks to finish
+    finish(model)  # a split run: the other ranks stop following
 
 
 def cmd_chat(args) -> None:

@@ -35,7 +35,9 @@ USAGE_FORMAT = "flash_moe-usage"
 USAGE_VERSION = 1
 
 # Token ids and protocol words travel as int32 all_sums; followers add zeros.
-_GENERATE, _QUIT = 1, 2
+# Every word is non-zero: MLX's ring may hand back zeros instead of failing when rank 0 is gone.
+_GENERATE, _QUIT = 1, 2  # request kinds
+_GO, _STOP = 1, 2  # after a token: another forward pass, or the end of the generation
 _HEADER = 4  # kind, prompt length, prefill step size, max tokens
 _BACKEND_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")
 # MLX's ring backend does not always fail a collective whose peer died: an evaluation waiting on it can hang
@@ -275,7 +277,7 @@ class Parallel:
             return
         self.busy(True)
         try:
-            word = _share(np.array([_QUIT, 0, 0, 0], np.int32), self)
+            word = _share(np.array([_QUIT, 0, 0, 0], np.int32), self, (_GENERATE, _QUIT))
         except RuntimeError as e:
             raise _failure(e, self) from None
         self.busy(False)
@@ -321,18 +323,28 @@ class ExpertParallel(nn.Module):
         return mx.distributed.all_sum(y, group=self._parallel.group)
 
 
-def _share(values: np.ndarray, parallel: Parallel) -> np.ndarray:
-    """Rank 0's int32 ``values`` on every rank (the others pass zeros of the same shape)."""
+def _lost(parallel: Parallel, what: str) -> ParallelError:
+    return ParallelError(f"rank {parallel.rank} of {parallel.size}: {what} (another rank stopped: it crashed, "
+                         "was killed or lost its connection)")
+
+
+def _share(values: np.ndarray, parallel: Parallel, valid=None) -> np.ndarray:
+    """Rank 0's int32 ``values`` on every rank (the others pass zeros of the same shape). Rank 0 checks it got
+    back what it sent, the others that ``values[0]`` is one of ``valid``: a collective whose peer died may
+    return garbage instead of failing."""
     mine = values if parallel.rank == 0 else np.zeros_like(values)
-    out = mx.distributed.all_sum(mx.array(mine, mx.int32), group=parallel.group)
-    return np.array(out)
+    out = np.array(mx.distributed.all_sum(mx.array(mine, mx.int32), group=parallel.group))
+    if parallel.rank == 0 and not np.array_equal(out, values):
+        raise _lost(parallel, "a collective came back altered")
+    if valid is not None and out[0] not in valid:
+        raise _lost(parallel, f"rank 0 sent {out[0]} where a protocol word was due")
+    return out
 
 
 def _failure(e: BaseException, parallel: Parallel) -> BaseException:
     """A backend's error (``[ring] connection to a peer was lost``, ...) as a ``ParallelError`` naming this rank."""
     if isinstance(e, RuntimeError) and not isinstance(e, ParallelError) and _BACKEND_ERROR.search(str(e)):
-        return ParallelError(f"rank {parallel.rank} of {parallel.size}: {e} (another rank stopped: it crashed, "
-                             "was killed or lost its connection)")
+        return _lost(parallel, str(e))
     return e
 
 
@@ -353,12 +365,13 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
     try:
         if lead:
             ids = np.array(prompt, np.int32).reshape(-1)
-            _share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1)], np.int32), p)
+            _share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1)], np.int32), p,
+                   (_GENERATE,))
             _share(ids, p)
         else:
             header, p._request = p._request, None
             if header is None:
-                header = _share(np.zeros(_HEADER, np.int32), p)
+                header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
             if header[0] != _GENERATE:
                 raise ParallelError(f"rank {p.rank} of {p.size}: asked to generate, but rank 0 has finished")
             prompt = mx.array(_share(np.zeros(int(header[1]), np.int32), p))
@@ -376,7 +389,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
         while True:
             if pending:
                 pending = False
-                if not _share(np.array([1], np.int32), p)[0]:
+                if _share(np.array([_GO], np.int32), p, (_GO, _STOP))[0] == _STOP:
                     break
             try:
                 item = next(inner)
@@ -389,7 +402,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
             except GeneratorExit:  # the consumer stopped at this token
                 break
         if pending:  # rank 0 says stop, a follower must hear stop
-            if _share(np.array([0], np.int32), p)[0]:
+            if _share(np.array([_STOP], np.int32), p, (_GO, _STOP))[0] == _GO:
                 raise ParallelError(f"rank {p.rank} of {p.size} stopped generating while rank 0 went on: "
                                     "every rank must take the whole generation")
         p.busy(False)
@@ -397,6 +410,13 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
         raise _failure(e, p) from None
     finally:
         inner.close()
+
+
+def finish(model) -> None:
+    """Rank 0 of a split run (the command line): tell the followers that no more generations come."""
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None:
+        parallel.close()
 
 
 def following(model) -> bool:
@@ -414,7 +434,7 @@ def follow(model, timer=None) -> int:
     done = 0
     while True:
         try:
-            header = _share(np.zeros(_HEADER, np.int32), p)
+            header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
         except RuntimeError as e:
             raise _failure(e, p) from None
         if header[0] == _QUIT:

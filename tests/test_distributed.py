@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TOL = 1e-5  # float32, same bytes: only the order of the sums differs
 TIMEOUT = 90  # per launched run (seconds); a hang fails the test instead of the suite
-WATCHDOG = 8  # FLASH_MOE_PARALLEL_TIMEOUT of the ranks: MLX's ring can hang when a peer dies
+WATCHDOG = 4  # FLASH_MOE_PARALLEL_TIMEOUT of the ranks: MLX's ring can hang when a peer dies
 
 
 def write_model(dst: Path, bits: int, seed: int) -> Path:
@@ -202,8 +202,10 @@ def test_rank_shares_add_up(models, seed, tokens, slots, cached):
         cache = ExpertCache(part.store, cached, owned={0: owners == rank}) if cached else None
         experts = StreamingExperts(part.store, 0, cache, owned=owners == rank)
         total += np.array(experts(x, inds, scores))
-        read = part.stats.usage[0]
-        assert read[owners != rank].sum() == 0 and read[owners == rank].sum() > 0, seed_note(seed)
+        read = part.stats.usage[0]  # exactly the routed experts this rank owns (none, at times, for one token)
+        routed = np.zeros(16, bool)
+        routed[np.array(inds).ravel()] = True
+        assert np.array_equal(read > 0, routed & (owners == rank)), seed_note(seed)
         part.close()
     full.close()
     assert rel_err(total, want) <= TOL, seed_note(seed)
@@ -320,18 +322,23 @@ def test_ranks_match_single_process(models, tmp_path, seed, ranks, bits, options
         assert np.array_equal(sum(g["usage"] for g in got), single_usage), seed_note(seed)
 
 
-def test_cli_generate_under_mlx_launch(models, tmp_path):
-    """``mlx.launch -n 2 --backend ring -- python -m flash_moe generate ...``: rank 0 prints the text, once,
-    the same as one process; the other rank prints nothing on stdout."""
-    folder = models(16)
-    args = ["-m", "flash_moe", "generate", "--model", str(folder), "--prompt", "def main", "--max-tokens", "8",
-            "--raw", "--timing"]
+def mlx_launch(n: int, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("mlx.launch")
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed beside this python")
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    run = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(1)[0]),
-                          sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=TIMEOUT)
+    env.pop("FLASH_MOE_DEBUG", None)
+    return subprocess.run([str(launcher), "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(1)[0]),
+                           sys.executable, "-m", "flash_moe", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=TIMEOUT)
+
+
+def test_cli_generate_under_mlx_launch(models):
+    """``mlx.launch -n 2 --backend ring -- python -m flash_moe generate ...``: rank 0 prints the text, once,
+    the same as one process; the other rank prints nothing on stdout."""
+    folder = models(16)
+    run = mlx_launch(2, ["generate", "--model", str(folder), "--prompt", "def main", "--max-tokens", "8", "--raw",
+                         "--timing"])
     model = load(folder, group=None)
     want = model.generate("def main", max_tokens=8)
     model.close()
@@ -339,10 +346,23 @@ def test_cli_generate_under_mlx_launch(models, tmp_path):
     assert run.stderr.count("generation: 8 tokens") == 1 and " comm " in run.stderr, run.stderr
 
 
+def test_cli_chat_under_mlx_launch(models):
+    """Chat: rank 0 reads the turns (mlx.launch hands stdin to every rank; the others ignore it) and prints
+    the same conversation as one process."""
+    folder = models(16)
+    args = ["chat", "--model", str(folder), "--no-tools", "--max-tokens", "4", "--no-think"]
+    stdin = "hello\nand then?\n/exit\n"
+    split = mlx_launch(2, args, stdin)
+    alone = subprocess.run([sys.executable, "-m", "flash_moe", *args], input=stdin, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, timeout=TIMEOUT)
+    assert alone.returncode == 0 and alone.stdout.count(">>> ") == 3, alone.stderr
+    assert split.stdout == alone.stdout, split.stderr
+
+
 @pytest.mark.parametrize("ranks, victim", [(2, 1), (3, 0)])
 def test_killed_rank_fails_the_others(models, tmp_path, ranks, victim):
-    """A rank killed mid-generation: the others end within the timeout with a clear line naming their rank,
-    from the backend's error or, where MLX's ring hangs instead (it may), from the watchdog."""
+    """A rank killed mid-generation: the others end within the timeout (never with success) with a clear line
+    naming their rank."""
     spec = {"tokens": [1, 2, 3], "forever": True, "load": {}}
     procs = start_ranks(ranks, [str(WORKER), str(models(16)), "-", json.dumps(spec)], tmp_path, to_files=True)
     try:
@@ -358,7 +378,9 @@ def test_killed_rank_fails_the_others(models, tmp_path, ranks, victim):
             p.wait(timeout=WATCHDOG + 20)
             err = (tmp_path / f"rank{rank}.err").read_text()
             assert p.returncode not in (0, None), err
-            assert (f"ParallelError: rank {rank} of {ranks}: [ring]" in err
+            # the backend's error, a protocol word the dead rank never sent (the ring may return zeros
+            # instead of failing), or the watchdog's line when the ring hangs
+            assert (f"ParallelError: rank {rank} of {ranks}: " in err
                     or f"flash-moe: rank {rank} of {ranks}: no progress" in err), err
             assert "another rank stopped" in err, err
         assert time.monotonic() - start < WATCHDOG + 20
