@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_moe import load  # noqa: E402
-from flash_moe.generate import generate_step  # noqa: E402
+from flash_moe.generation import generate_step  # noqa: E402
 from flash_moe.layout import ModelLayout  # noqa: E402
 from flash_moe.store import direct_readable  # noqa: E402
 from flash_moe.timing import PhaseTimer  # noqa: E402

@@ -52,7 +52,7 @@ def worker(args) -> None:
     import numpy as np
 
     from flash_moe import load
-    from flash_moe.generate import generate_step
+    from flash_moe.generation import generate_step
     from flash_moe.timing import PhaseTimer
 
     if args.cap:

@@ -78,3 +78,35 @@ class ArraysCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
+
+
+class BatchKVCache:
+    """The full-attention caches of a decode batch: one KVCache per sequence, since each sequence sits at its
+    own position (its own RoPE offset and key length). Projections run batched; attention runs per sequence."""
+
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, rope, scale: float) -> mx.array:
+        """One new token per sequence: q, k, v [B, heads, 1, head_dim] -> [B, heads, 1, head_dim]."""
+        out = []
+        for i, c in enumerate(self.caches):
+            pos = c.offset
+            keys, values = c.update_and_fetch(rope(k[i : i + 1], pos), v[i : i + 1])
+            out.append(mx.fast.scaled_dot_product_attention(rope(q[i : i + 1], pos), keys, values, scale=scale))
+        return mx.concatenate(out, axis=0)
+
+    def snapshot(self):
+        return [c.snapshot() for c in self.caches]
+
+    def restore(self, saved) -> None:
+        for c, s in zip(self.caches, saved):
+            c.restore(s)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for c in self.caches for a in c.state]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)

@@ -7,6 +7,7 @@ Every tensor is checked against the model: a missing, unexpected or misshaped te
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,36 +15,57 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import ResidentExperts
-from .files import CheckpointError  # defined with the file checks; imported from here by older code
+from .files import CheckpointError, inside, open_regular, read_json  # CheckpointError: imported from here by older code
 from .model import Model, ModelArgs, WeightError, sanitize
-
-
+from .safetensors_io import read_header
 
 
 def read_config(folder: str | Path) -> dict:
+    """config.json as a dict (a regular file, size-bounded); errors are CheckpointErrors naming it."""
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = read_json(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (is {folder} a model folder?)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def model_args(config: dict, folder: str | Path) -> ModelArgs:
+    """``ModelArgs`` of a folder's config.json: a bad value is a CheckpointError naming the file and the key."""
+    try:
+        return ModelArgs.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's shard files: those the index names (each inside ``folder``), else every
+    ``*.safetensors``; each must be a regular file (a FIFO would block the reader forever)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no \"weight_map\" of tensor name -> file name")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            try:
+                files.append(inside(folder, name))
+            except CheckpointError:  # say which file named it
+                raise CheckpointError(f"{index}: names {name!r}, outside the model folder") from None
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{f}: listed in {index.name} but missing")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "resident.safetensors"] or files
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        files = [f for f in files if f.name != "resident.safetensors"] or files
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+    for f in files:
+        os.close(open_regular(f))  # names the kind of file: "not a regular file (a FIFO)"
     return files
 
 
@@ -51,6 +73,7 @@ def read_tensors(files: list[Path]) -> tuple[dict, dict]:
     """Lazily map every tensor; returns (key -> array, key -> file name)."""
     weights, where = {}, {}
     for f in files:
+        read_header(f)  # mx.load trusts the header: overlapping or shifted offsets would load as garbage
         try:
             tensors = mx.load(str(f))
         except Exception as e:  # mx.load raises a bare RuntimeError/ValueError on a bad header
@@ -129,10 +152,7 @@ def load_checkpoint(folder: str | Path, dtype=None, experts_factory=None) -> tup
     """A Hugging Face or mlx-community checkpoint folder -> (resident Model, config dict)."""
     folder = Path(folder)
     config = read_config(folder)
-    try:
-        args = ModelArgs.from_config(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    args = model_args(config, folder)
     raw, where = read_tensors(safetensors_files(folder))
     quant = quantization_of(config)
     hf = quant is None and not any(k.startswith("language_model.") for k in raw)  # mlx-community stores 1+w

@@ -5,21 +5,34 @@ experts, see docs/format.md), the config and tokenizer files, and ``layout.json`
 bounded: experts are read a few at a time by byte range. An interrupted run resumes: finished
 layers are re-verified against their checksums and skipped; a half-written layer only ever exists
 as ``*.partial`` and is redone.
+
+DST is convert's alone while it runs (a lock file holding our pid), never written through a link planted
+in it (files.py), and never mixes two models: progress.json and layout.json record the source and the
+settings, and another source is refused unless ``overwrite`` starts over. Every source tensor's header
+is checked, and resident.safetensors written, before the first expert layer: a broken checkpoint fails
+before the long expert packing starts, not after it.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import math
 import os
-import shutil
+import re
+import stat
+import struct
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from .checkpoint import CheckpointError, read_config, safetensors_files
+from .checkpoint import (CheckpointError, build_model, load_weights, read_config, read_tensors,
+                         safetensors_files)
+from .files import (JSON_LIMIT, atomic_write_json, copy_file, create_new, locked, open_regular, read_bytes,
+                    read_json, remove_entry)
 from .layout import ExpertLayout, ModelLayout, expert_checksum as checksum
-from .model import ModelArgs, _rename, sanitize
+from .model import ModelArgs, WeightError, _rename, sanitize
 from .safetensors_io import SafetensorsIndex
 
 TOKENIZER_FILES = (
@@ -27,13 +40,11 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 PROGRESS = "progress.json"
+INDEX = "model.safetensors.index.json"
 BATCH = 8  # experts quantized per call: bounds RAM to a few experts' source tensors
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+HEADER_LIMIT = 100 << 20  # the bound safetensors_io.read_header uses: headers are KiB, a few MiB at most
+FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+RESIDENT = "resident.safetensors"
 
 
 def _to_numpy(a: mx.array) -> np.ndarray:
@@ -44,7 +55,7 @@ class ExpertSource:
     """Where one MoE layer's experts sit in the source checkpoint (fused, per-expert or MLX-packed)."""
 
     def __init__(self, index: SafetensorsIndex, layer: int, num_experts: int):
-        self.index, self.num_experts = index, num_experts
+        self.index, self.layer, self.num_experts = index, layer, num_experts
         for prefix in (f"model.language_model.layers.{layer}.mlp.", f"model.layers.{layer}.mlp.",
                        f"language_model.model.layers.{layer}.mlp."):
             if f"{prefix}experts.gate_up_proj" in index:
@@ -68,6 +79,40 @@ class ExpertSource:
             return [f"{self.prefix}{e}.{p}.weight" for e in range(self.num_experts) for p in ("gate_proj", "up_proj", "down_proj")]
         suffixes = ("weight", "scales", "biases") if self.kind == "mlx" else ("weight",)
         return [f"{self.prefix}{p}.{s}" for p in ("gate_proj", "up_proj", "down_proj") for s in suffixes]
+
+    def check(self, hidden: int, intermediate: int, layout: ExpertLayout) -> None:
+        """Each source tensor of this layer's experts has the shape (and kind of dtype) the config implies:
+        checked from the headers, before any expert is read."""
+        E, D, I = self.num_experts, hidden, intermediate
+        if self.kind == "mlx":  # already packed: each expert's bytes must be what the layout holds
+            specs = {s.name: s for s in layout.tensors}
+            for key in self.keys():
+                t, spec = self._tensor(key), specs[key[len(self.prefix):]]
+                if not t.shape or t.shape[0] != E or t.nbytes != E * spec.nbytes:
+                    raise CheckpointError(
+                        f"{t.file}: tensor {key!r} is {t.dtype} {list(t.shape)}; expected {E} experts of "
+                        f"{spec.dtype} {list(spec.shape)} (num_experts, hidden_size, moe_intermediate_size in config.json)"
+                    )
+            return
+        proj = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+        if self.kind == "fused":
+            want = {"gate_up_proj": (E, 2 * I, D), "down_proj": (E, D, I)}
+        elif self.kind == "stacked":
+            want = {f"{p}.weight": (E, *shape) for p, shape in proj.items()}
+        else:
+            want = {f"{e}.{p}.weight": shape for e in range(E) for p, shape in proj.items()}
+        for name, shape in want.items():
+            t = self._tensor(self.prefix + name)
+            if t.shape != shape or t.dtype not in FLOAT_CODES:
+                raise CheckpointError(
+                    f"{t.file}: tensor {t.key!r} is {t.dtype} {list(t.shape)}; expected a float tensor of shape "
+                    f"{list(shape)} (num_experts {E}, hidden_size {D}, moe_intermediate_size {I} in config.json)"
+                )
+
+    def _tensor(self, key: str):
+        if key not in self.index:
+            raise CheckpointError(f"layer {self.layer}: routed-expert tensor {key!r} is missing from the checkpoint")
+        return self.index.tensors[key]
 
     def read_float(self, first: int, count: int) -> dict[str, np.ndarray]:
         """float32 (count, out, in) per projection."""
@@ -107,14 +152,14 @@ def _pack_float(layout: ExpertLayout, weights: dict[str, np.ndarray]) -> dict[st
 
 def _write_layer(source: ExpertSource, layout: ExpertLayout, num_experts: int, path: Path, desc: str, progress: bool) -> list[str]:
     """Pack one layer into ``path`` (written as path.partial, renamed when complete); returns checksums."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     partial = path.with_name(path.name + ".partial")
     specs = layout.tensors
     sums = []
     packed_src = source.kind == "mlx"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with create_new(partial) as f:  # a new file: never through a link planted at that name
+        fd = f.fileno()
         os.ftruncate(fd, num_experts * layout.stride)
         with tqdm(total=num_experts, desc=desc, unit="expert", disable=not progress, leave=False) as bar:
             for first in range(0, num_experts, BATCH):
@@ -138,21 +183,24 @@ def _write_layer(source: ExpertSource, layout: ExpertLayout, num_experts: int, p
                     sums.append(checksum(buf))
                 bar.update(count)
         os.fsync(fd)
-    finally:
-        os.close(fd)
     os.replace(partial, path)
     return sums
 
 
 def _verify_layer(path: Path, layout: ExpertLayout, num_experts: int, sums: list[str]) -> bool:
-    if not path.exists() or path.stat().st_size != num_experts * layout.stride or len(sums) != num_experts:
+    """Does the finished layer file hold exactly the experts of these checksums? (Anything else is redone.)"""
+    if os.path.islink(path) or len(sums) != num_experts:
         return False
-    with open(path, "rb") as f:
-        for e in range(num_experts):
-            f.seek(e * layout.stride)
-            if checksum(f.read(layout.expert_bytes)) != sums[e]:
-                return False
-    return True
+    try:
+        fd = open_regular(path)
+    except (FileNotFoundError, CheckpointError):
+        return False
+    try:
+        if os.fstat(fd).st_size != num_experts * layout.stride:
+            return False
+        return all(checksum(os.pread(fd, layout.expert_bytes, e * layout.stride)) == sums[e] for e in range(num_experts))
+    finally:
+        os.close(fd)
 
 
 def _resident_quant(name: str, w: mx.array, bits: int, group_size: int) -> int | None:
@@ -164,15 +212,29 @@ def _resident_quant(name: str, w: mx.array, bits: int, group_size: int) -> int |
     return bits
 
 
-def _write_resident(index: SafetensorsIndex, files: list[Path], expert_keys: set, args: ModelArgs, dst: Path,
-                    hf_norms: bool, dtype: str, bits: int | None, group_size: int, src_quant: dict | None) -> dict | None:
+def _resident_source(src_path: Path, files: list[Path], expert_keys: set, args: ModelArgs, hf_norms: bool,
+                     quant: dict | None) -> dict[str, mx.array]:
+    """The non-expert weights under the model's names, lazy (nothing read yet), each checked against the
+    shape the model gives it: a missing or misshaped tensor is found before anything is written."""
+    tensors, where = read_tensors(files)  # lazy: each tensor is read when evaluated
+    raw = {k: v for k, v in tensors.items() if k not in expert_keys and _rename(k) is not None}
+    for key, w in raw.items():  # every weight is floating point, or a quantized (uint32) matrix
+        packed = w.dtype == mx.uint32 and key.endswith(".weight") and key[: -len("weight")] + "scales" in raw
+        if not (mx.issubdtype(w.dtype, mx.floating) or packed):
+            kind = str(w.dtype).split(".")[-1]
+            raise CheckpointError(f"{src_path / where[key]}: tensor {key!r} is {kind}, not a floating-point weight")
+    try:
+        weights, origin = sanitize(raw, args, hf_norms=hf_norms)
+    except WeightError as e:
+        raise CheckpointError(f"{src_path / where.get(e.key, '')}: {e}") from None
+    model = build_model(args, quant, set(weights), lambda layer: nn.Module())  # no routed experts here
+    load_weights(model, weights, origin, where, src_path)  # raises naming the source tensor and file
+    return weights
+
+
+def _write_resident(weights: dict[str, mx.array], dst: Path, dtype: str, bits: int | None, group_size: int,
+                    src_quant: dict | None) -> dict | None:
     """Non-expert weights -> resident.safetensors; returns the config "quantization" block (or None)."""
-    raw = {}
-    for f in files:
-        for k, v in mx.load(str(f)).items():  # lazy: each tensor is read when evaluated below
-            if k not in expert_keys and _rename(k) is not None:
-                raw[k] = v
-    weights, _ = sanitize(raw, args, hf_norms=hf_norms)
     target = getattr(mx, dtype)
     quant = {"group_size": group_size, "bits": bits, "mode": "affine"} if bits else None
     out = {}
@@ -201,9 +263,12 @@ def _write_resident(index: SafetensorsIndex, files: list[Path], expert_keys: set
         for k, v in src_quant.items():
             if isinstance(v, dict) and _rename(k + ".weight"):
                 quant[_rename(k + ".weight")[: -len(".weight")]] = v
-    partial = dst / "resident.partial.safetensors"  # mx.save_safetensors wants the suffix
-    mx.save_safetensors(str(partial), out, metadata={"format": "mlx", "producer": "flash_moe"})
-    os.replace(partial, dst / "resident.safetensors")
+    partial = dst / "resident.partial.safetensors"
+    with create_new(partial) as f:  # a new file: never through a link planted at that name
+        mx.save_safetensors(f, out, metadata={"format": "mlx", "producer": "flash_moe"})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, dst / RESIDENT)
     return quant
 
 
@@ -217,80 +282,124 @@ def resolve_source(src: str | Path, revision: str | None = None) -> Path:
     return resolve(src, revision, SOURCE_PATTERNS)
 
 
-def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 64, dtype: str = "bfloat16",
-            resident_bits: int | None = None, progress: bool = True, revision: str | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path, *, bits: int | None = None, group_size: int | None = None,
+            dtype: str | None = None, resident_bits: int | None = None, progress: bool = True,
+            revision: str | None = None, overwrite: bool = False) -> Path:
     """Convert SRC (local folder or hub id) into a streamable flash_moe model folder DST.
 
+    An MLX-quantized source is repacked, never requantized: ``bits``, ``group_size`` and ``dtype`` default to
+    its own (its config's quantization and its scales' dtype); other values are refused.
+
     Args:
-        bits: expert bits (2, 3, 4, 8; 16 keeps them unquantized in ``dtype``).
-        group_size: quantization group size (32, 64, 128).
-        dtype: dtype of scales/biases, float weights and resident floats.
+        bits: expert bits (2, 3, 4, 8; 16 keeps them unquantized in ``dtype``). Default 4.
+        group_size: quantization group size (32, 64, 128). Default 64.
+        dtype: dtype of scales/biases, float weights and resident floats. Default bfloat16.
         resident_bits: quantize big non-expert matrices to 4 or 8 bits (router and shared-expert gate
             stay at >= 8); None keeps them in ``dtype``.
+        overwrite: start over: remove what an earlier conversion left in DST (convert's own files only)
+            instead of resuming it, or refusing it when it came from another source or other settings.
     Returns:
         the DST path.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     src_path, dst = resolve_source(src, revision), Path(dst).expanduser()
+    if dst.resolve() == src_path.resolve():
+        raise CheckpointError(f"{dst}: is the source folder; convert into another folder")
+    config_bytes = _read_source_file(src_path / "config.json")  # before read_config: a FIFO must not block
     config = read_config(src_path)
-    args = ModelArgs.from_config(config)
+    try:
+        args = ModelArgs.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{src_path / 'config.json'}: {e}") from None
     files = safetensors_files(src_path)
+    source, data_starts = _identify(src, src_path, revision, config_bytes, files)
     index = SafetensorsIndex(files)
-    layout = ExpertLayout(args.hidden_size, args.moe_intermediate_size, bits, group_size, dtype)
-    moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
-    sources = {i: ExpertSource(index, i, args.num_experts) for i in moe_layers}
-    src_quant = config.get("quantization")
-    for i, s in sources.items():
-        if s.kind == "mlx":
-            q = (src_quant or {})
-            if (q.get("bits"), q.get("group_size")) != (bits, group_size) and not _layer_quant_matches(q, s, bits, group_size, index, args):
-                raise CheckpointError(
-                    f"{src_path}: layer {i} experts are MLX-quantized at bits={q.get('bits')} group_size="
-                    f"{q.get('group_size')}; convert with --bits {q.get('bits')} --group-size {q.get('group_size')} "
-                    "to repack them without requantizing"
-                )
-            scales_dtype = index.tensors[s.prefix + "gate_proj.scales"].name
-            if scales_dtype != dtype:
-                raise CheckpointError(
-                    f"{src_path}: layer {i} experts are MLX-quantized with {scales_dtype} scales; convert with "
-                    f"--dtype {scales_dtype} to repack them without requantizing"
-                )
+    try:
+        _check_tensors(index, data_starts)
+        moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
+        sources = {i: ExpertSource(index, i, args.num_experts) for i in moe_layers}
+        src_quant = config.get("quantization")
+        packed = next((s for s in sources.values() if s.kind == "mlx"), None)
+        if packed is not None:  # the source's own settings, so that its experts are copied as they are
+            bits = bits or (src_quant or {}).get("bits")
+            group_size = group_size or (src_quant or {}).get("group_size")
+            dtype = dtype or index.tensors[packed.prefix + "gate_proj.scales"].name
+        bits, group_size, dtype = bits or 4, group_size or 64, dtype or "bfloat16"
+        layout = ExpertLayout(args.hidden_size, args.moe_intermediate_size, bits, group_size, dtype)
+        for i, s in sources.items():
+            if s.kind == "mlx":
+                _check_mlx_source(src_path, i, s, src_quant or {}, bits, group_size, dtype, index, args)
+            s.check(args.hidden_size, args.moe_intermediate_size, layout)
+        expert_keys = {k for s in sources.values() for k in s.keys()}
+        hf_norms = not src_quant and not any(k.startswith("language_model.") for k in index.keys())
+        resident_weights = _resident_source(src_path, files, expert_keys, args, hf_norms, src_quant)
 
-    settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
-                "num_experts": args.num_experts, "layers": moe_layers}
-    (dst / "experts").mkdir(parents=True, exist_ok=True)
-    done = _previous_checksums(dst, settings, layout)
+        settings = {"bits": bits, "group_size": group_size, "dtype": dtype, "resident_bits": resident_bits,
+                    "num_experts": args.num_experts, "layers": moe_layers}
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{dst}: cannot create the destination folder ({e.strerror})") from None
+        with locked(dst):
+            if overwrite:
+                _clear(dst)
+            state = _resume(dst, settings, source, layout)  # first: from here on DST says "unfinished"
+            _experts_folder(dst)
 
-    checksums = {}
-    for layer in tqdm(moe_layers, desc="layers", unit="layer", disable=not progress):
-        path = dst / ModelLayout.layer_file(layer)
-        if layer in done and _verify_layer(path, layout, args.num_experts, done[layer]):
-            checksums[layer] = done[layer]
-            continue
-        checksums[layer] = _write_layer(sources[layer], layout, args.num_experts, path, f"layer {layer}", progress)
-        _atomic_write_json(dst / PROGRESS, {"settings": settings, "layers": {str(k): v for k, v in checksums.items()}})
+            # Resident weights first: every non-expert tensor is read (and a broken one found) before hours
+            # of expert packing; a resumed run keeps the finished file.
+            resident = dst / RESIDENT
+            if state["resident"] is None or _file_size(resident) != state["resident"]:
+                quant = _write_resident(resident_weights, dst, dtype, resident_bits, group_size,
+                                        src_quant if any(s.kind == "mlx" for s in sources.values()) else None)
+                state.update(resident=os.stat(resident).st_size, quantization=quant)
+                atomic_write_json(dst / PROGRESS, state)
 
-    expert_keys = {k for s in sources.values() for k in s.keys()}
-    hf_norms = not src_quant and not any(k.startswith("language_model.") for k in index.keys())
-    quant = _write_resident(index, files, expert_keys, args, dst, hf_norms, dtype, resident_bits, group_size,
-                            src_quant if any(s.kind == "mlx" for s in sources.values()) else None)
-    index.close()
+            checksums, done = {}, {int(k): v for k, v in state["layers"].items()}
+            for layer in tqdm(moe_layers, desc="layers", unit="layer", disable=not progress):
+                path = dst / ModelLayout.layer_file(layer)
+                if layer in done and _verify_layer(path, layout, args.num_experts, done[layer]):
+                    checksums[layer] = done[layer]
+                    continue
+                checksums[layer] = _write_layer(sources[layer], layout, args.num_experts, path, f"layer {layer}", progress)
+                state["layers"] = {str(k): v for k, v in checksums.items()}
+                atomic_write_json(dst / PROGRESS, state)
 
-    out_config = dict(config)
-    out_config.pop("quantization_config", None)
-    out_config.pop("quantization", None)
-    if quant:
-        out_config["quantization"] = quant
-    out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype}
-    _atomic_write_json(dst / "config.json", out_config)
-    for name in TOKENIZER_FILES:
-        if (src_path / name).exists():
-            shutil.copyfile(src_path / name, dst / name)
-    model_layout = ModelLayout(layout, args.num_experts, moe_layers, checksums)
-    _atomic_write_json(dst / "layout.json", model_layout.to_json())
-    (dst / PROGRESS).unlink(missing_ok=True)
+            out_config = dict(config)
+            out_config.pop("quantization_config", None)
+            out_config.pop("quantization", None)
+            if state["quantization"]:
+                out_config["quantization"] = state["quantization"]
+            out_config["flash_moe"] = {"expert_bits": bits, "expert_group_size": group_size, "dtype": dtype}
+            atomic_write_json(dst / "config.json", out_config)
+            for name in TOKENIZER_FILES:
+                if (src_path / name).exists():
+                    copy_file(src_path / name, dst / name)
+            record = ModelLayout(layout, args.num_experts, moe_layers, checksums).to_json()
+            record["conversion"] = {"source": source, "settings": settings}  # ModelLayout ignores it
+            atomic_write_json(dst / "layout.json", record)
+            (dst / PROGRESS).unlink()
+    finally:
+        index.close()
     return dst
+
+
+def _check_mlx_source(src_path: Path, layer: int, source: ExpertSource, q: dict, bits: int, group_size: int,
+                      dtype: str, index: SafetensorsIndex, args: ModelArgs) -> None:
+    """MLX-quantized experts are repacked as they are, never requantized: the settings must match them."""
+    if (q.get("bits"), q.get("group_size")) != (bits, group_size) and not _layer_quant_matches(q, source, bits, group_size, index, args):
+        raise CheckpointError(
+            f"{src_path}: layer {layer} experts are MLX-quantized at bits={q.get('bits')} group_size="
+            f"{q.get('group_size')}; convert with --bits {q.get('bits')} --group-size {q.get('group_size')} "
+            "to repack them without requantizing"
+        )
+    scales_dtype = index.tensors[source.prefix + "gate_proj.scales"].name
+    if scales_dtype != dtype:
+        raise CheckpointError(
+            f"{src_path}: layer {layer} experts are MLX-quantized with {scales_dtype} scales; convert with "
+            f"--dtype {scales_dtype} to repack them without requantizing"
+        )
 
 
 def _layer_quant_matches(q: dict, source: ExpertSource, bits: int, group_size: int, index, args) -> bool:
@@ -299,24 +408,181 @@ def _layer_quant_matches(q: dict, source: ExpertSource, bits: int, group_size: i
     return shape_w[-1] * 32 // bits == args.hidden_size and shape_s[-1] * group_size == args.hidden_size
 
 
-def _previous_checksums(dst: Path, settings: dict, layout: ExpertLayout) -> dict[int, list[str]]:
-    """Checksums of layers an earlier run finished (from progress.json, or a complete layout.json)."""
+# ---------------------------------------------------------------- the source: identity and headers
+
+
+def _read_source_file(path: Path) -> bytes | None:
+    """A small source file's bytes (regular files only, bounded), or None when it is missing."""
+    try:
+        return read_bytes(path, JSON_LIMIT)
+    except FileNotFoundError:
+        return None
+
+
+def _identify(src, src_path: Path, revision: str | None, config_bytes: bytes | None,
+              files: list[Path]) -> tuple[dict, dict[Path, int]]:
+    """The source's identity (where it is, and a fingerprint of its config, index and safetensors headers,
+    not of the data), and where each shard's data starts."""
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(f"{label}\0{len(data)}\0".encode())
+        h.update(data)
+
+    add("config.json", config_bytes or b"")
+    add(INDEX, _read_source_file(src_path / INDEX) or b"")
+    data_starts = {}
+    for f in files:
+        header, size = _header_bytes(f)
+        add(f"{f.relative_to(src_path)}:{size}", header)
+        data_starts[f] = 8 + len(header)
+    source = {"path": str(src_path.resolve()), "fingerprint": "sha256:" + h.hexdigest()}
+    if not Path(src).expanduser().is_dir():  # a hub id: say which, as the user wrote it
+        source.update(hub_id=str(src), revision=revision)
+    return source, data_starts
+
+
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's JSON header (bytes) and the file's size."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, 8, 0)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 <= n <= min(size - 8, HEADER_LIMIT):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        header = os.pread(fd, n, 8)
+        if len(header) != n:
+            raise CheckpointError(f"{path}: short read of the safetensors header")
+        return header, size
+    finally:
+        os.close(fd)
+
+
+def _check_tensors(index: SafetensorsIndex, data_starts: dict[Path, int]) -> None:
+    """Every source tensor's bytes lie in its file's data section, are as many as its dtype and shape say,
+    and belong to no other tensor: no read can run off a file, ask for a buffer of the wrong (or a huge)
+    size, or take a neighbour's bytes."""
+    sizes = {f: os.stat(f).st_size for f in data_starts}
+    for t in index.tensors.values():
+        where = f"{t.file}: tensor {t.key!r}"
+        if not all(type(d) is int and d >= 0 for d in t.shape):
+            raise CheckpointError(f"{where} has an invalid shape {list(t.shape)}")
+        expected = math.prod(t.shape) * t.itemsize
+        if t.nbytes != expected:
+            raise CheckpointError(f"{where} is {t.dtype} {list(t.shape)} ({expected} bytes), but its "
+                                  f"data_offsets span {t.nbytes} bytes")
+        if t.start < data_starts[t.file] or t.start + t.nbytes > sizes[t.file]:
+            raise CheckpointError(f"{where}: data_offsets point outside the file's data (bytes {t.start}.."
+                                  f"{t.start + t.nbytes} of {sizes[t.file]})")
+    previous: dict[Path, object] = {}
+    for t in sorted((t for t in index.tensors.values() if t.nbytes), key=lambda t: (str(t.file), t.start)):
+        p = previous.get(t.file)
+        if p is not None and t.start < p.start + p.nbytes:
+            raise CheckpointError(f"{t.file}: tensors {p.key!r} and {t.key!r} overlap (bytes {t.start}.."
+                                  f"{p.start + p.nbytes})")
+        previous[t.file] = t
+
+
+# ---------------------------------------------------------------- the destination
+
+
+START_OVER = "pass --overwrite (overwrite=True) to start over, or choose another destination"
+OWN_FILES = (RESIDENT, "resident.partial.safetensors", "layout.json", PROGRESS, "config.json", *TOKENIZER_FILES)
+LAYER_FILE = re.compile(r"layer_\d+\.bin(\.partial)?")
+
+
+def _clear(dst: Path) -> None:
+    """``overwrite``: remove what a conversion writes into DST, nothing else (links themselves, never targets)."""
+    for name in OWN_FILES:
+        remove_entry(dst / name)
+        remove_entry(dst / (name + ".tmp"))
+    experts = dst / "experts"
+    if os.path.isdir(experts) and not os.path.islink(experts):
+        for p in experts.iterdir():
+            if LAYER_FILE.fullmatch(p.name):
+                remove_entry(p)
+    elif os.path.lexists(experts):
+        remove_entry(experts)
+
+
+def _experts_folder(dst: Path) -> None:
+    """DST/experts as a real folder: a link there (even to a folder) is removed, so that no layer file is
+    written outside DST."""
+    experts = dst / "experts"
+    if os.path.lexists(experts) and not (os.path.isdir(experts) and not os.path.islink(experts)):
+        remove_entry(experts)
+    experts.mkdir(exist_ok=True)
+
+
+def _file_size(path: Path) -> int | None:
+    """The size of a regular file at ``path`` itself (not through a link), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _describe(source: dict) -> str:
+    if source.get("hub_id"):
+        revision = f"@{source['revision']}" if source.get("revision") else ""
+        return f"{source['hub_id']}{revision} ({source['path']})"
+    return source["path"]
+
+
+def _same_source(dst: Path, old: dict | None, source: dict, holds: str) -> None:
+    """Refuse to continue or redo a conversion from anything but the source it started from."""
+    if not isinstance(old, dict) or "path" not in old or "fingerprint" not in old:
+        raise CheckpointError(f"{dst}: holds {holds} whose source is not recorded (an older flash_moe made it); "
+                              f"{START_OVER}")
+    if old["path"] != source["path"]:
+        raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)}, not of {_describe(source)}; {START_OVER}")
+    if old["fingerprint"] != source["fingerprint"]:
+        raise CheckpointError(f"{dst}: holds {holds} of {_describe(old)} as it was ({old['fingerprint'][:19]}); its "
+                              f"config or tensor headers have changed since ({source['fingerprint'][:19]}); {START_OVER}")
+
+
+def _differences(old, new: dict) -> str:
+    """``bits 4 there, 8 now; ...`` for the settings that differ."""
+    old = old if isinstance(old, dict) else {}
+    return "; ".join(f"{k} {old.get(k)} there, {v} now" for k, v in new.items() if old.get(k) != v)
+
+
+def _resume(dst: Path, settings: dict, source: dict, layout: ExpertLayout) -> dict:
+    """What an earlier run from the same source with the same settings finished, as the new progress.json
+    (written at once: from here on the folder says a conversion is under way)."""
     progress, final = dst / PROGRESS, dst / "layout.json"
-    if progress.exists():
-        data = json.loads(progress.read_text())
+    state = {"source": source, "settings": settings, "layers": {}, "resident": None, "quantization": None}
+    # Only regular files count: convert never makes links or FIFOs, so one there is not its record (and
+    # is replaced, never followed)
+    if _file_size(progress) is not None:
+        data = read_json(progress)
+        data = data if isinstance(data, dict) else {}
+        _same_source(dst, data.get("source"), source, "an unfinished conversion")
         if data.get("settings") != settings:
-            raise CheckpointError(
-                f"{dst}: holds an unfinished conversion with other settings ({data.get('settings')}); "
-                "remove it or choose another destination"
-            )
-        return {int(k): v for k, v in data["layers"].items()}
-    if final.exists():
-        old = ModelLayout.read(dst)
-        if old.expert != layout or old.num_experts != settings["num_experts"]:
-            raise CheckpointError(f"{dst}: already holds a model converted with other settings; choose another destination")
-        # Until layout.json is rewritten the folder must not look complete; progress.json keeps the
-        # finished layers known if this run stops before that.
-        _atomic_write_json(progress, {"settings": settings, "layers": {str(k): v for k, v in old.checksums.items()}})
-        final.unlink()
-        return old.checksums
-    return {}
+            raise CheckpointError(f"{dst}: holds an unfinished conversion with other settings "
+                                  f"({_differences(data.get('settings'), settings)}); {START_OVER}")
+        layers = data.get("layers")
+        state.update(layers=layers if isinstance(layers, dict) else {}, resident=data.get("resident"),
+                     quantization=data.get("quantization"))
+    elif _file_size(final) is not None:
+        data = read_json(final)
+        record = data.get("conversion") if isinstance(data, dict) else None
+        _same_source(dst, (record or {}).get("source"), source, "a finished conversion")
+        old = ModelLayout.from_json(data, str(final))
+        if old.expert != layout or record.get("settings") != settings:
+            raise CheckpointError(f"{dst}: already holds a model converted with other settings "
+                                  f"({_differences(record.get('settings'), settings)}); {START_OVER}")
+        state["layers"] = {str(k): v for k, v in old.checksums.items()}
+        try:  # the finished resident file stays, with the quantization block its config.json records
+            config = read_json(dst / "config.json")
+        except (FileNotFoundError, CheckpointError):
+            config = None  # the resident weights are written again
+        if isinstance(config, dict) and _file_size(dst / RESIDENT) is not None:
+            state.update(resident=_file_size(dst / RESIDENT), quantization=config.get("quantization"))
+    # Until layout.json is rewritten the folder must not look complete; progress.json keeps the finished
+    # parts known if this run stops before that.
+    atomic_write_json(progress, state)
+    remove_entry(final)
+    return state

@@ -12,6 +12,12 @@ and shares each token (an ``all_sum`` in which the others add zeros, evaluated w
 whether another forward pass follows. The other ranks run the same ``generate_step`` on what they receive
 (``follow`` serves the command line), so every rank runs the same collectives in the same order.
 
+Prompt caches: a prompt cache decides how many prompt tokens are processed, so every rank must decide alike.
+Each follower runs a mirror of the prompt cache rank 0 uses (the cache its own caller passed, else one it
+keeps per cache of rank 0's): ``PromptCache.prepare`` is deterministic, and the mirror sees the same ids,
+checkpoint positions and forward passes. The ranks check before the prefill that they reuse the same number
+of tokens: a mismatch is a ``ParallelError`` on every rank, never a hang.
+
 Expert popularity (``record_usage``) lives in the converted folder as ``usage.json`` (docs/format.md);
 with it, ``assign_experts`` balances the expected reads per token between the ranks.
 """
@@ -20,8 +26,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,7 +47,10 @@ USAGE_VERSION = 1
 # Every word is non-zero: MLX's ring may hand back zeros instead of failing when rank 0 is gone.
 _GENERATE, _QUIT = 1, 2  # request kinds
 _GO, _STOP = 1, 2  # after a token: another forward pass, or the end of the generation
-_HEADER = 4  # kind, prompt length, prefill step size, max tokens
+# kind, prompt length, prefill step size, max tokens, prompt cache (0: none, else rank 0's tag for it), its
+# max_checkpoints, the prompt tokens it supplies, how many checkpoint_at positions follow the prompt
+_HEADER = 8
+_MIRRORS = 4  # prompt caches a follower keeps in step with rank 0's (the most recently used)
 _BACKEND_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")
 # MLX's ring backend does not always fail a collective whose peer died: an evaluation waiting on it can hang
 # (seen on 0.32.4), holding the GIL. A watchdog process ends a rank that made no progress inside a generation
@@ -196,6 +208,11 @@ class Parallel:
     _closed: bool = False
     _busy: bool = False  # inside a generation that has not ended cleanly: the collectives may be mid-way
     _watchdog: int | None = None  # the pipe to the watchdog process
+    # rank 0: its prompt caches' tags; followers: {tag: mirror PromptCache}, most recently used last
+    _tags: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    _mirrors: dict = field(default_factory=dict)
+    _last_tag: int = 0
+    _seed: object = None  # a follower's prompt cache for the first new tag (``follow(prompt_cache=)``)
 
     def __post_init__(self):
         if self.timeout > 0:
@@ -277,7 +294,7 @@ class Parallel:
             return
         self.busy(True)
         try:
-            word = _share(np.array([_QUIT, 0, 0, 0], np.int32), self, (_GENERATE, _QUIT))
+            word = _share(np.array([_QUIT] + [0] * (_HEADER - 1), np.int32), self, (_GENERATE, _QUIT))
         except RuntimeError as e:
             raise _failure(e, self) from None
         self.busy(False)
@@ -288,6 +305,33 @@ class Parallel:
     def lockstep(self, steps, prompt, model, **kwargs):
         """``steps`` (``generate_step``'s loop) run by every rank together: see ``lockstep``."""
         return lockstep(steps, prompt, model, **kwargs)
+
+    def tag(self, cache) -> int:
+        """Rank 0: the number that names ``cache`` (a PromptCache) to the followers; 0 for None."""
+        if cache is None:
+            return 0
+        if cache not in self._tags:
+            self._last_tag += 1
+            self._tags[cache] = self._last_tag
+        return self._tags[cache]
+
+    def mirror(self, tag: int, max_checkpoints: int, model, own=None):
+        """A follower: its copy of rank 0's prompt cache ``tag`` (None for 0). ``own``: the prompt cache this
+        rank's caller passed (a script every rank runs keeps its own caches), else the one kept for the tag,
+        else a new empty one."""
+        from .prompt_cache import make_prompt_cache
+
+        if tag == 0:
+            return None
+        cache = self._mirrors.pop(tag, None) if own is None else own
+        if cache is None:
+            cache, self._seed = self._seed, None
+            if cache is None:
+                cache = make_prompt_cache(model, max_checkpoints=max_checkpoints)
+        self._mirrors[tag] = cache
+        while len(self._mirrors) > _MIRRORS:
+            del self._mirrors[next(iter(self._mirrors))]
+        return cache
 
 
 def plan(group, folder: Path, layout, *, out=sys.stderr) -> Parallel | None:
@@ -348,34 +392,77 @@ def _failure(e: BaseException, parallel: Parallel) -> BaseException:
     return e
 
 
-def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_size: int, **kwargs):
+class _HeldInterrupt:
+    """Rank 0, main thread: a Ctrl-C (SIGINT) inside the block is held until it ends (``held``), so a forward
+    pass is never cut between two collectives the followers wait in."""
+
+    def __init__(self, active: bool):
+        self.active = (active and threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.held = False
+
+    def _hold(self, *_):
+        self.held = True
+
+    def __enter__(self):
+        if self.active:
+            signal.signal(signal.SIGINT, self._hold)
+
+    def __exit__(self, *_):
+        if self.active:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_size: int, prompt_cache=None,
+             checkpoint_at=(), **kwargs):
     """``steps(prompt, model, ...)`` (the generation loop) run by every rank together; a generator.
 
-    Rank 0 shares its prompt ids, prefill step and token budget first (the other ranks' own are ignored), and
-    each token it samples (an ``all_sum`` where the others add zeros, evaluated with the token). The loop
-    runs a forward pass when asked for its next token, so before asking, rank 0 tells the others whether it
-    asks (``go``): a stop there is where the consumer of rank 0's tokens stopped. Backend failures leave as
-    ``ParallelError``s naming this rank.
+    Rank 0 shares its prompt ids, prefill step, token budget and prompt-cache use first (the other ranks' own
+    are ignored; each follower runs its mirror of rank 0's prompt cache, and all ranks check they reuse the
+    same prefix), then each token it samples (an ``all_sum`` where the others add zeros, evaluated with the
+    token). The loop runs a forward pass when asked for its next token, so before asking, rank 0 tells the
+    others whether it asks (``go``): a stop there is where the consumer of rank 0's tokens stopped. A Ctrl-C
+    on rank 0 (main thread) is held until the step under way has yielded its token (every rank's consumer
+    then saw the same tokens); the others hear stop, and rank 0 raises ``KeyboardInterrupt``. Backend
+    failures leave as ``ParallelError``s naming this rank.
     """
     p = model.parallel
     lead = p.rank == 0
     if p._closed:
         raise ParallelError(f"rank {p.rank} of {p.size}: the expert-parallel run was closed")
     p.busy(True)
+    interrupt = _HeldInterrupt(lead)
     try:
-        if lead:
-            ids = np.array(prompt, np.int32).reshape(-1)
-            _share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1)], np.int32), p,
-                   (_GENERATE,))
-            _share(ids, p)
-        else:
-            header, p._request = p._request, None
-            if header is None:
-                header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
-            if header[0] != _GENERATE:
-                raise ParallelError(f"rank {p.rank} of {p.size}: asked to generate, but rank 0 has finished")
-            prompt = mx.array(_share(np.zeros(int(header[1]), np.int32), p))
-            prefill_step_size, max_tokens = int(header[2]), int(header[3])
+        with interrupt:
+            if lead:
+                ids = np.array(prompt, np.int32).reshape(-1)
+                marks = np.array(sorted({int(m) for m in checkpoint_at}), np.int32)
+                reused = prompt_cache.reusable(ids) if prompt_cache is not None else 0
+                _share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1),
+                                 p.tag(prompt_cache), prompt_cache.max_checkpoints if prompt_cache else 0,
+                                 reused, marks.size], np.int32), p, (_GENERATE,))
+                _share(np.concatenate([ids, marks]), p)
+                mismatch = 0
+            else:
+                header, p._request = p._request, None
+                if header is None:
+                    header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
+                if header[0] != _GENERATE:
+                    raise ParallelError(f"rank {p.rank} of {p.size}: asked to generate, but rank 0 has finished")
+                n = int(header[1])
+                values = _share(np.zeros(n + int(header[7]), np.int32), p)
+                prompt, checkpoint_at = mx.array(values[:n]), tuple(int(m) for m in values[n:])
+                prefill_step_size, max_tokens = int(header[2]), int(header[3])
+                prompt_cache = p.mirror(int(header[4]), int(header[5]), model, own=prompt_cache)
+                reused = prompt_cache.reusable(values[:n]) if prompt_cache is not None else 0
+                mismatch = int(reused != int(header[6]))
+            # Every rank must process the same prompt tokens, or their collectives stop pairing.
+            if int(mx.distributed.all_sum(mx.array([mismatch], mx.int32), group=p.group).item()):
+                p.busy(False)
+                raise ParallelError(
+                    f"rank {p.rank} of {p.size}: a follower's prompt cache holds other tokens than rank 0's: in an "
+                    "expert-parallel run, use prompt caches only through generation (every rank keeps a mirror), "
+                    "not filled or loaded on rank 0 alone")
     except RuntimeError as e:
         raise _failure(e, p) from None
 
@@ -383,33 +470,40 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
         token = sampler(logprobs, key).astype(mx.int32)
         return mx.distributed.all_sum(token if lead else mx.zeros_like(token), group=p.group)
 
-    inner = steps(prompt, model, max_tokens=max_tokens, sampler=shared, prefill_step_size=prefill_step_size, **kwargs)
+    inner = steps(prompt, model, max_tokens=max_tokens, sampler=shared, prefill_step_size=prefill_step_size,
+                  prompt_cache=prompt_cache, checkpoint_at=checkpoint_at, **kwargs)
     pending = False  # a token went out and the go word after it has not
     try:
         while True:
-            if pending:
-                pending = False
-                if _share(np.array([_GO], np.int32), p, (_GO, _STOP))[0] == _STOP:
+            with interrupt:
+                if pending:
+                    pending = False
+                    if _share(np.array([_GO], np.int32), p, (_GO, _STOP))[0] == _STOP:
+                        break
+                try:
+                    item = next(inner)
+                    p.beat()
+                except StopIteration:  # the token budget: every rank's loop ends at the same count
                     break
-            try:
-                item = next(inner)
-                p.beat()
-            except StopIteration:  # the token budget: every rank's loop ends at the same count
-                break
-            pending = True
+                pending = True
             try:
                 yield item
             except GeneratorExit:  # the consumer stopped at this token
                 break
-        if pending:  # rank 0 says stop, a follower must hear stop
-            if _share(np.array([_STOP], np.int32), p, (_GO, _STOP))[0] == _GO:
-                raise ParallelError(f"rank {p.rank} of {p.size} stopped generating while rank 0 went on: "
-                                    "every rank must take the whole generation")
+            if interrupt.held:  # Ctrl-C on rank 0 during this step: its token went out as on the others
+                break
+        with interrupt:
+            if pending:  # rank 0 says stop, a follower must hear stop
+                if _share(np.array([_STOP], np.int32), p, (_GO, _STOP))[0] == _GO:
+                    raise ParallelError(f"rank {p.rank} of {p.size} stopped generating while rank 0 went on: "
+                                        "every rank must take the whole generation")
         p.busy(False)
     except RuntimeError as e:
         raise _failure(e, p) from None
     finally:
         inner.close()
+    if interrupt.held:
+        raise KeyboardInterrupt
 
 
 def finish(model) -> None:
@@ -425,12 +519,14 @@ def following(model) -> bool:
     return parallel is not None and parallel.rank != 0
 
 
-def follow(model, timer=None) -> int:
+def follow(model, timer=None, prompt_cache=None) -> int:
     """A follower's command line: generate whatever rank 0 asks, silently, until rank 0 closes.
-    Returns how many generations it took part in."""
-    from .generate import generate_step
+    ``prompt_cache``: the follower's copy of the first prompt cache rank 0 uses (``generate --prompt-cache``:
+    every rank loads the same file). Returns how many generations it took part in."""
+    from .generation import generate_step
 
     p = model.parallel
+    p._seed = prompt_cache
     done = 0
     while True:
         try:

@@ -11,10 +11,17 @@ name (the entry, never its target), and finished files are renamed into place in
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; the folder is not locked
+    fcntl = None
 
 JSON_LIMIT = 16 << 20  # config/layout/index/progress files are KiB; a tokenizer.json is a few MiB
 
@@ -121,6 +128,29 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def copy_file(src: str | Path, dst: str | Path, limit: int = 1 << 30) -> None:
+    """Copy the regular file ``src`` (at most ``limit`` bytes) to ``dst`` the way ``atomic_write`` writes."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    fd = open_regular(src)
+    try:
+        with create_new(tmp) as out:
+            n = 0
+            while chunk := os.read(fd, 1 << 20):
+                n += len(chunk)
+                if n > limit:
+                    raise CheckpointError(f"{src}: more than the {limit} bytes this file may have")
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
+
+
 def atomic_write_json(path: str | Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=1).encode())
 
@@ -132,3 +162,66 @@ def inside(folder: str | Path, name: str) -> Path:
     if not name or p.is_absolute() or ".." in p.parts or p.drive:
         raise CheckpointError(f"{folder}: refers to {name!r}, outside the model folder")
     return Path(folder) / p
+
+
+LOCK_NAME = ".flash_moe.lock"
+
+
+@contextmanager
+def locked(folder: str | Path, what: str = "flash-moe convert"):
+    """Hold an exclusive lock on ``folder`` (``flock`` on ``folder/.flash_moe.lock``, which holds our pid)
+    for the ``with`` block; a second holder is refused at once with the pid of the first."""
+    if fcntl is None:
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    for _ in range(20):
+        fd = _open_lock(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"{path}: cannot lock ({e.strerror})") from None
+            raise CheckpointError(f"{folder}: in use by another {what} (pid {holder}, lock file {path})") from None
+        # The previous holder removes the file as it finishes: our lock counts only if the name still
+        # refers to the file we locked; otherwise try again on the new one.
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)
+    else:
+        raise CheckpointError(f"{path}: could not take the lock (the file keeps being replaced)")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)  # still holding it: a waiter that opened this file finds the name gone and retries
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened read-write without following a link; a link or non-file there is removed."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+            remove_entry(path)  # a planted link: remove it, never touch its target
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        remove_entry(path)
+    raise CheckpointError(f"{path}: cannot create the lock file (something keeps replacing it)")

@@ -10,9 +10,11 @@ docs/format.md specifies it byte by byte.
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .files import CheckpointError, read_json
 
 FORMAT_VERSION = 1
 TENSOR_ALIGN = 64
@@ -62,10 +64,14 @@ class ExpertLayout:
     dtype: str = "bfloat16"
 
     def __post_init__(self):
+        for name in ("hidden", "intermediate", "bits", "group_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.bits != 16 and self.bits not in QUANT_BITS:
             raise ValueError(f"bits must be 16 or one of {QUANT_BITS}, got {self.bits}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype}")
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.bits != 16:
             for dim in (self.hidden, self.intermediate):
                 if dim % self.group_size or (dim * self.bits) % 32:
@@ -165,36 +171,79 @@ class ModelLayout:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "layout.json") -> "ModelLayout":
+        """Parse and check ``layout.json``'s content; every error is a ``CheckpointError`` naming ``source`` and
+        the field. Checks types and ranges, and that every redundant field (``expert_bytes``, ``stride``,
+        ``tensors``, each layer's ``file`` and ``bytes``) equals what ``expert`` and ``num_experts`` imply."""
+        def bad(msg: str):
+            return CheckpointError(f"{source}: {msg}")
+
+        if not isinstance(data, dict):
+            raise bad(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != "flash_moe.experts":
-            raise ValueError(f"{source}: not a flash_moe expert layout (format={data.get('format')!r})")
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: format version {data.get('version')} is not supported "
-                f"(this flash_moe reads version {FORMAT_VERSION}); reconvert the model"
-            )
-        expert = ExpertLayout(**data["expert"])
-        if data.get("expert_bytes") != expert.expert_bytes or data.get("stride") != expert.stride:
-            raise ValueError(
-                f"{source}: expert_bytes/stride ({data.get('expert_bytes')}/{data.get('stride')}) disagree "
-                f"with the layout computed from its shapes ({expert.expert_bytes}/{expert.stride})"
-            )
-        layers = {int(k): v for k, v in data["layers"].items()}
-        return cls(
-            expert=expert,
-            num_experts=int(data["num_experts"]),
-            moe_layers=sorted(layers),
-            checksums={k: list(v.get("checksums", [])) for k, v in layers.items()},
-            checksum=data.get("checksum", "blake2b-128"),
-            version=data["version"],
-        )
+            raise bad(f"not a flash_moe expert layout (format={data.get('format')!r})")
+        version = data.get("version")
+        if not (type(version) is int and version == FORMAT_VERSION):
+            raise bad(f"format version {version!r} is not supported (this flash_moe reads version "
+                      f"{FORMAT_VERSION}, the integer); reconvert the model")
+        fields = {"hidden", "intermediate", "bits", "group_size", "dtype"}
+        e = data.get("expert")
+        if not isinstance(e, dict) or set(e) != fields:
+            have = sorted(e) if isinstance(e, dict) else type(e).__name__
+            raise bad(f"expert must be an object with exactly {sorted(fields)}, got {have}")
+        try:
+            expert = ExpertLayout(**e)
+        except ValueError as err:
+            raise bad(f"expert: {err}") from None
+        for key, want in (("expert_bytes", expert.expert_bytes), ("stride", expert.stride)):
+            if type(data.get(key)) is not int or data[key] != want:
+                raise bad(f"{key} {data.get(key)!r} disagrees with the layout computed from expert ({want})")
+        if "tensors" in data and data["tensors"] != cls(expert, 1, []).to_json()["tensors"]:
+            raise bad("tensors disagree with the layout computed from expert (edited by hand?)")
+        num_experts = data.get("num_experts")
+        if type(num_experts) is not int or num_experts < 1:
+            raise bad(f"num_experts must be a positive integer, got {num_experts!r}")
+        checksum = data.get("checksum", "blake2b-128")
+        if checksum != "blake2b-128":
+            raise bad(f"unknown checksum {checksum!r} (this flash_moe knows blake2b-128)")
+        layers_in = data.get("layers")
+        if not isinstance(layers_in, dict):
+            raise bad(f"layers must be an object, got {type(layers_in).__name__}")
+        out = cls(expert=expert, num_experts=num_experts, moe_layers=[], version=version)
+        for key, entry in layers_in.items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 6:
+                raise bad(f"layers: {key!r} is not a layer number")
+            layer = int(key)
+            where = f"layer {layer}"
+            if not isinstance(entry, dict):
+                raise bad(f"{where}: entry is a JSON {type(entry).__name__}, not an object")
+            if entry.get("file") != cls.layer_file(layer):
+                raise bad(f"{where}: file {entry.get('file')!r}, expected {cls.layer_file(layer)!r}")
+            if type(entry.get("bytes")) is not int or entry["bytes"] != out.layer_bytes():
+                raise bad(f"{where}: bytes {entry.get('bytes')!r} disagree with num_experts x stride "
+                          f"({num_experts} x {expert.stride} = {out.layer_bytes()})")
+            sums = entry.get("checksums")
+            if not isinstance(sums, list) or len(sums) != num_experts:
+                got = len(sums) if isinstance(sums, list) else "no list of"
+                raise bad(f"{where} has {got} checksums, expected {num_experts}")
+            if not all(map(_is_digest, sums)):
+                e = next(i for i, d in enumerate(sums) if not _is_digest(d))
+                raise bad(f"{where} expert {e}: checksum {sums[e]!r:.40} is not a 32-character hex digest")
+            out.checksums[layer] = list(sums)
+        out.moe_layers = sorted(out.checksums)
+        return out
 
     @classmethod
     def read(cls, folder: str | Path) -> "ModelLayout":
         path = Path(folder) / "layout.json"
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: missing; is {folder} a converted flash_moe model?") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_json(data, str(path))
+
+
+_DIGEST = re.compile("[0-9a-f]{32}")
+
+
+def _is_digest(s) -> bool:
+    return isinstance(s, str) and _DIGEST.fullmatch(s) is not None

@@ -6,16 +6,18 @@ gives resident experts; a converted folder (``layout.json``) gives experts strea
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from . import distributed
-from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_dtype, read_config,
-                         read_tensors)
-from .layout import ModelLayout
-from .model import Model, ModelArgs
+from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_args, model_dtype,
+                         read_config, read_tensors)
+from .files import open_regular
+from .layout import ModelLayout, expert_checksum
+from .model import Model, ModelArgs, check_token_ids
 
 
 def _dtype(dtype):
@@ -44,6 +46,13 @@ class LoadedModel:
         return self.model.args
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        """Logits for ``tokens`` ([T] or [B, T] ids); ids outside [0, vocab_size) are a ValueError (one min/max
+        reduction and sync per call: generation checks its prompt once and then calls ``forward``)."""
+        check_token_ids(tokens, self.config.vocab_size)
+        return self.forward(tokens, cache)
+
+    def forward(self, tokens: mx.array, cache=None) -> mx.array:
+        """``self(tokens, cache)`` without the id check, for callers whose ids are known to be in range."""
         if tokens.ndim == 1:
             tokens = tokens[None]
         if self.cache is not None and cache is not None and tokens.shape[1] == 1 and self.cache.should_speculate():
@@ -69,12 +78,19 @@ class LoadedModel:
     def make_cache(self) -> list:
         return self.model.make_cache()
 
+    def make_prompt_cache(self, max_checkpoints: int | None = None):
+        """A ``PromptCache`` to pass to ``generate(..., prompt_cache=)`` across calls (see prompt_cache.py)."""
+        from .prompt_cache import DEFAULT_CHECKPOINTS, make_prompt_cache
+
+        return make_prompt_cache(self, DEFAULT_CHECKPOINTS if max_checkpoints is None else max_checkpoints)
+
     @property
     def experts_per_token(self) -> int:
         return self.config.num_experts_per_tok
 
     def set_experts_per_token(self, k: int) -> None:
         """Route each token to k experts (renormalised over the k), whatever the model was trained with."""
+        check_experts_per_token(k)
         if not 1 <= k <= self.config.num_experts:
             raise ValueError(f"experts_per_token must be in 1..{self.config.num_experts}, got {k}")
         self.config.num_experts_per_tok = k
@@ -84,48 +100,38 @@ class LoadedModel:
 
     @property
     def tokenizer(self):
-        """The model's Hugging Face tokenizer (transformers' AutoTokenizer), loaded on first use."""
+        """The model's tokenizer (``flash_moe.tokenizer.Tokenizer``: tokenizer.json and the chat template, with
+        transformers' interface), loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from .tokenizer import Tokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: no usable tokenizer files ({e})") from None
+            self._tokenizer = Tokenizer.from_folder(self.path)
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
 
     @property
     def stats(self):
         """Expert I/O counters of the ExpertStore (None for resident experts): see ``IOStats``."""
         return self.store.stats if self.store is not None else None
 
-    def stream_generate(self, prompt, **kwargs):
-        """Yield ``GenerationResponse``s; arguments as ``generate``."""
-        from .generate import stream_generate
+    def stream_generate(self, *args, **kwargs):
+        """Yield ``GenerationResponse``s; arguments as ``flash_moe.generate`` after the model."""
+        from .generation import stream_generate
 
-        return stream_generate(self, prompt, **kwargs)
+        return stream_generate(self, *args, **kwargs)
 
-    def generate(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, stop=None,
-                 seed: int = 0, tools=None, enable_thinking=None, chat=None, **kwargs):
-        """Complete ``prompt`` and return the text.
+    def generate(self, *args, **kwargs):
+        """The completion as a string; arguments as ``flash_moe.generate`` after the model."""
+        from .generation import generate
 
-        Args:
-            prompt: a string (encoded as is; ``chat=True`` wraps it as a user message), token ids, or a list of
-                chat messages (``{"role", "content"}``, tool results as ``{"role": "tool", ...}``), which go
-                through the model's chat template.
-            max_tokens: most new tokens. temperature, top_p, top_k, min_p: sampling (temperature 0 = greedy).
-            repetition_penalty: > 1 discourages repeats. stop: string(s) that end generation (not included).
-            seed: sampling seed (same seed, same text). tools: OpenAI-style tool schemas, offered to the model
-                and used to type the parsed calls' arguments. enable_thinking: passed to the chat template.
-        Returns:
-            the text (a ``str``) with ``.content``, ``.reasoning``, ``.tool_calls`` and ``.finish_reason``.
-        """
-        from .generate import generate
+        return generate(self, *args, **kwargs)
 
-        return generate(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed, tools=tools,
-                        enable_thinking=enable_thinking, chat=chat, **kwargs)
+    def __iter__(self):
+        # ``model, tokenizer = load(path)`` as mlx-lm's load is used; the tokenizer is read then
+        return iter((self, self.tokenizer))
 
     def close(self) -> None:
         if self.parallel is not None:
@@ -159,8 +165,15 @@ def resolve(path_or_repo: str | Path, revision: str | None = None, patterns=HUB_
         raise CheckpointError(f"{name}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
-def check_layout(layout: ModelLayout, args: ModelArgs, folder: Path) -> None:
-    """layout.json must describe the experts config.json says the model has."""
+def check_experts_per_token(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"experts_per_token must be an integer, got {k!r}")
+
+
+def check_layout(layout: ModelLayout, args: ModelArgs, config: dict, weights: dict, folder: Path) -> None:
+    """layout.json must describe the experts config.json says the model has, in the format convert recorded
+    in config.json (``flash_moe``: bits, group size, dtype), and resident.safetensors' floating tensors must be
+    in the experts' dtype (convert writes both in one dtype). Costs nothing: headers and JSON only."""
     e = layout.expert
     want = {
         "hidden": (e.hidden, args.hidden_size),
@@ -168,15 +181,47 @@ def check_layout(layout: ModelLayout, args: ModelArgs, folder: Path) -> None:
         "num_experts": (layout.num_experts, args.num_experts),
         "moe layers": (layout.moe_layers, [i for i in range(args.num_hidden_layers) if args.is_moe(i)]),
     }
-    bad = [f"{k} {a} vs {b}" for k, (a, b) in want.items() if a != b]
+    saved = config.get("flash_moe")
+    if isinstance(saved, dict):
+        for key, have in (("expert_bits", e.bits), ("expert_group_size", e.group_size), ("dtype", e.dtype)):
+            if key in saved:
+                want[f"flash_moe.{key}"] = (have, saved[key])
+    bad = [f"{k} {a!r} vs {b!r}" for k, (a, b) in want.items() if a != b]
     if bad:
-        raise CheckpointError(f"{folder / 'layout.json'} disagrees with config.json: " + "; ".join(bad))
+        raise CheckpointError(f"{folder / 'layout.json'} disagrees with config.json: " + "; ".join(bad)
+                              + " (layout.json's value first)")
+    dtype = getattr(mx, e.dtype)
+    for name, w in weights.items():
+        if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype and not name.endswith("A_log"):
+            raise CheckpointError(
+                f"{folder / 'layout.json'}: experts are {e.dtype}, but resident.safetensors stores {name!r} as "
+                f"{str(w.dtype).removeprefix('mlx.core.')}; the two come from different conversions or one was "
+                "edited: reconvert the model"
+            )
 
 
-def read_packed_experts(path: Path, layout: ModelLayout, layer: int) -> dict:
-    """All experts of one layer file as stacked arrays (for ``stream=False``: small models, tests)."""
-    e = layout.expert
-    raw = np.fromfile(path / layout.layer_file(layer), np.uint8).reshape(layout.num_experts, e.stride)
+def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str = "off") -> dict:
+    """All experts of one layer file as stacked arrays (for ``stream=False``: small models, tests), their
+    checksums checked as the store's ``verify`` would check them on first read."""
+    e, file = layout.expert, path / layout.layer_file(layer)
+    fd = open_regular(file)
+    try:
+        size, expected = os.fstat(fd).st_size, layout.layer_bytes()
+        if size != expected:
+            raise CheckpointError(f"{file}: layer {layer} file has {size:,} bytes, expected {expected:,} "
+                                  f"({layout.num_experts} experts x stride {e.stride:,})")
+        raw = np.empty((layout.num_experts, e.stride), np.uint8)
+        if os.preadv(fd, [raw], 0) != expected:
+            raise CheckpointError(f"{file}: short read (file changed while it was read?)")
+    finally:
+        os.close(fd)
+    from .store import experts_to_check
+
+    check = experts_to_check(layout, verify)
+    for expert in np.flatnonzero(check[layer]).tolist() if check is not None else []:
+        if expert_checksum(raw[expert, : e.expert_bytes]) != layout.checksums[layer][expert]:
+            raise CheckpointError(f"{file}: layer {layer} expert {expert}: checksum does not match layout.json "
+                                  f"(damaged, or from another conversion); run `flash-moe verify {path}`")
     out = {}
     for t in e.tensors:
         storage = {"bfloat16": np.uint16}.get(t.dtype, t.dtype)
@@ -230,7 +275,7 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
                    cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-                   direct_io: bool | str = "auto", group="auto") -> LoadedModel:
+                   direct_io: bool | str = "auto", verify: str = "off", group="auto") -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -239,13 +284,13 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     from .streaming import StreamingExperts
 
     config = read_config(path)
-    args = ModelArgs.from_config(config)
+    args = model_args(config, path)
     layout = ModelLayout.read(path)
-    check_layout(layout, args, path)
     resident = path / "resident.safetensors"
     if not resident.exists():
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where = read_tensors([resident])
+    check_layout(layout, args, config, weights, path)
     e, store, cache = layout.expert, None, None
     parallel = distributed.plan(group, path, layout)
     if parallel is not None and not stream:
@@ -258,7 +303,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
             direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
-                             buffers=slot_buffers(layout), direct=bool(direct_io))
+                             buffers=slot_buffers(layout), direct=bool(direct_io), verify=verify)
         if cached:
             cache = ExpertCache(store, cached, owned=parallel and {l: parallel.owned(l) for l in layout.moe_layers})
         factory = lambda layer: StreamingExperts(store, layer, cache)
@@ -267,7 +312,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
                 StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel)
     else:
         for layer in layout.moe_layers:
-            weights.update(read_packed_experts(path, layout, layer))
+            weights.update(read_packed_experts(path, layout, layer, verify))
         factory = lambda layer: ResidentExperts(args.num_experts, e.hidden, e.intermediate, e.bits, e.group_size)
     model = build_model(args, config.get("quantization"), set(weights), factory)
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
@@ -280,7 +325,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
          cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-         direct_io: bool | str = "auto", preload: bool = False, group="auto") -> LoadedModel:
+         direct_io: bool | str = "auto", preload: bool = False, verify: str = "off", group="auto") -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -300,17 +345,28 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             when a device cache is in front, the layout is 4 KiB-aligned and the filesystem allows it).
         preload: fill the device cache before returning (every expert when they fit; with a progress bar).
             Without a device cache there is nothing to fill and this does nothing.
+        verify: check experts against layout.json's checksums the first time each is read: "off" (default),
+            "sample" (1 in 16 of each layer's experts) or "full" (every expert). Hashing is slower than
+            reading (docs/format.md, "What is checked", has the numbers), hence "off". A mismatch is a
+            CheckpointError naming the layer and expert; ``flash-moe verify`` checks a whole folder at once.
         group: split each layer's experts over the ranks of an ``mx.distributed`` group (expert-parallel,
             docs/distributed.md): "auto" (the default) uses ``mx.distributed.init()``'s group when the
             process was started by ``mlx.launch`` with more than one rank; None runs this process alone.
             Needs a converted folder with streamed experts.
     """
+    from .store import VERIFY_MODES
+
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if experts_per_token is not None:
+        check_experts_per_token(experts_per_token)
     path = resolve(path_or_repo)
     if (path / "progress.json").exists() and not (path / "layout.json").exists():
         raise CheckpointError(f"{path}: the conversion into this folder did not finish; rerun flash-moe convert to resume it")
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
-                                cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io, group=group)
+                                cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
+                                verify=verify, group=group)
     else:
         if distributed.resolve_group(group) is not None:
             raise ValueError(f"{path}: an expert-parallel run needs a converted folder (flash-moe convert); "

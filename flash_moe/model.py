@@ -8,6 +8,7 @@ does not know whether their bytes are in memory or on disk.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,11 @@ from .layers.gated_delta import GatedDeltaNet
 from .layers.moe import MLP, SparseMoeBlock
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                  "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                  "head_dim", "linear_conv_kernel_dim", "full_attention_interval", "decoder_sparse_step",
+                  "intermediate_size")
 
 
 @dataclass
@@ -53,8 +59,10 @@ class ModelArgs:
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
     eos_token_id: int | list[int] | None = None
+    max_position_embeddings: int | None = None  # the context it was trained for; longer prompts are warned about
 
     def __post_init__(self):
+        self.check()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if not self.layer_types:
@@ -67,17 +75,67 @@ class ModelArgs:
                 f"config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
             )
 
+    def check(self) -> None:
+        """Types and ranges of every field: a string "128", a 2.5 or a True where an int belongs, or a count that
+        MLX would only trip over deep inside a layer (0 experts per token), is a ValueError naming the key."""
+        def fail(key, want):
+            raise ValueError(f"config.json: {key} must be {want}, got {getattr(self, key)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+        optional = {"head_dim", "intermediate_size"}
+        for key in _POSITIVE_INTS:
+            v = getattr(self, key)
+            if not (is_int(v) and v >= 1) and not (v is None and key in optional):
+                fail(key, "a positive integer")
+        if not self.num_experts_per_tok <= self.num_experts:
+            fail("num_experts_per_tok", f"an integer in 1..num_experts ({self.num_experts})")
+        for key in ("attention_bias", "norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false")
+        for key, low in (("rms_norm_eps", 0.0), ("rope_theta", 0.0), ("partial_rotary_factor", 0.0)):
+            v = getattr(self, key)
+            if not (is_real(v) and v > low):
+                fail(key, "a finite number > 0")
+        if self.partial_rotary_factor > 1:
+            fail("partial_rotary_factor", "in (0, 1]")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"a divisor of num_attention_heads ({self.num_attention_heads})")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            fail("linear_num_key_heads", f"a divisor of linear_num_value_heads ({self.linear_num_value_heads})")
+        if self.layer_types is not None and not (
+                isinstance(self.layer_types, list) and set(self.layer_types) <= {"full_attention", "linear_attention"}):
+            fail("layer_types", "a list of 'full_attention' / 'linear_attention'")
+        if not (isinstance(self.mlp_only_layers, list)
+                and all(is_int(i) and 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers)):
+            fail("mlp_only_layers", f"a list of layer numbers in 0..{self.num_hidden_layers - 1}")
+        if self.mlp_only_layers and self.intermediate_size is None:
+            fail("intermediate_size", "set when mlp_only_layers is not empty")
+        eos = self.eos_token_id
+        if not (eos is None or (is_int(eos) and eos >= 0)
+                or (isinstance(eos, list) and all(is_int(t) and t >= 0 for t in eos))):
+            fail("eos_token_id", "a token id or a list of token ids")
+
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         """From a Hugging Face config.json (nested ``text_config`` for the multimodal release)."""
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"config.json: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
-        text = dict(config.get("text_config") or {}) if model_type == "qwen3_5_moe" else dict(config)
+        text = (config.get("text_config") or {}) if model_type == "qwen3_5_moe" else config
+        if not isinstance(text, dict):
+            raise ValueError(f"config.json: text_config must be an object, got {type(text).__name__}")
+        text = dict(text)
         if model_type == "qwen3_5_moe":
             text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
             text.setdefault("eos_token_id", config.get("eos_token_id"))
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json: rope_parameters must be an object, got {type(rope).__name__}")
         text.setdefault("rope_theta", rope.get("rope_theta", 1e7 if model_type != "qwen3_next" else 5e6))
         text.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))
         if text.get("full_attention_interval") is None:
@@ -86,6 +144,9 @@ class ModelArgs:
             text.pop("mlp_only_layers", None)
         text["model_type"] = model_type
         names = inspect.signature(cls).parameters
+        missing = [k for k, p in names.items() if p.default is p.empty and k not in text]
+        if missing:
+            raise ValueError(f"config.json: missing {', '.join(missing)}")
         return cls(**{k: v for k, v in text.items() if k in names})
 
     def is_linear(self, layer: int) -> bool:
@@ -93,6 +154,29 @@ class ModelArgs:
 
     def is_moe(self, layer: int) -> bool:
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "token id", note: str = "") -> None:
+    """Refuse ids outside [0, vocab_size): the embedding lookup does not bounds-check (an id of 10**6 reads
+    outside the table, or crashes the process). An ``mx.array`` costs one min/max reduction and one sync;
+    a list is checked on the host."""
+    if isinstance(tokens, mx.array):
+        if not mx.issubdtype(tokens.dtype, mx.integer):
+            raise ValueError(f"{what}s must be integers, got an array of {tokens.dtype}")
+        if tokens.size == 0:
+            return
+        lo, hi = mx.stack([tokens.min(), tokens.max()]).tolist()
+    else:
+        ids = list(tokens)
+        bad = next((t for t in ids if isinstance(t, bool) or not hasattr(t, "__index__")), None)
+        if bad is not None:
+            raise ValueError(f"{what}s must be integers, got {bad!r}")
+        if not ids:
+            return
+        lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} {hi if hi >= vocab_size else lo} is out of range for this model "
+                         f"(0 <= id < vocab_size {vocab_size}){note}")
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import operator
 import os
 import threading
@@ -28,6 +29,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .files import CheckpointError, open_regular
 from .layout import ExpertLayout, ModelLayout, expert_checksum
 
 # Without RWF_NOWAIT (macOS, or a filesystem that refuses it) a read counts as a page-cache hit when one
@@ -196,22 +198,18 @@ class _LayerFiles:
                     raise ValueError(f"layer {layer} is not a MoE layer listed in {folder / 'layout.json'}")
                 path = folder / layout.layer_file(layer)
                 try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (_O_DIRECT if direct else 0))
+                    fd = open_regular(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except FileNotFoundError:
                     raise FileNotFoundError(
                         f"{path}: file of layer {layer} is missing (expected {expected:,} bytes); "
                         "was the conversion interrupted?"
                     ) from None
-                except OSError as e:
-                    if not (direct and e.errno == errno.EINVAL):
-                        raise
-                    raise OSError(e.errno, f"{path}: this filesystem refuses O_DIRECT; load with direct_io=False") from None
+                if direct:
+                    fd = _reopen_direct(path, fd)
                 self.fds[layer], self.paths[layer] = fd, path
-                if direct and not _O_DIRECT:  # macOS: no O_DIRECT, but the same bypass per descriptor
-                    fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
                 size = os.fstat(fd).st_size
                 if size != expected:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"{path}: layer {layer} file has {size:,} bytes, expected {expected:,} "
                         f"({layout.num_experts} experts x stride {layout.expert.stride:,}); "
                         f"{'truncated' if size < expected else 'oversized'}, or from another conversion"
@@ -224,6 +222,28 @@ class _LayerFiles:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _reopen_direct(path: Path, fd: int) -> int:
+    """A second descriptor of the regular file open at ``fd``, reading around the page cache; closes ``fd``.
+    Opened non-blocking (a FIFO swapped in meanwhile cannot hang us) and checked to be the same file."""
+    try:
+        try:
+            direct = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | _O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise OSError(e.errno, f"{path}: this filesystem refuses O_DIRECT; load with direct_io=False") from None
+        a, b = os.fstat(fd), os.fstat(direct)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            os.close(direct)
+            raise CheckpointError(f"{path}: replaced while it was being opened")
+        os.set_blocking(direct, True)
+        if not _O_DIRECT:  # macOS: no O_DIRECT, but the same bypass per descriptor
+            fcntl.fcntl(direct, fcntl.F_NOCACHE, 1)
+        return direct
+    finally:
+        os.close(fd)
 
 
 class _ReadPool:
@@ -305,10 +325,25 @@ def direct_readable(folder: str | Path, layout: ModelLayout, read_chunk: int) ->
     if not _O_DIRECT:
         return True  # F_NOCACHE is per descriptor and always accepted
     try:
-        os.close(os.open(Path(folder) / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | _O_DIRECT))
+        os.close(open_regular(Path(folder) / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | _O_DIRECT))
         return True
-    except OSError:
+    except (OSError, CheckpointError):  # refused, missing or not a regular file: the store's open says which
         return False
+
+
+VERIFY_MODES = ("off", "sample", "full")
+SAMPLE_EVERY = 16  # verify="sample" checks experts e of a layer with (e + layer) % SAMPLE_EVERY == 0
+
+
+def experts_to_check(layout: ModelLayout, verify: str) -> np.ndarray | None:
+    """[layers, experts] mask of the experts ``verify`` hashes on first read (None for "off")."""
+    if verify == "off" or not layout.moe_layers:
+        return None
+    out = np.zeros((max(layout.moe_layers) + 1, layout.num_experts), bool)
+    for layer in layout.moe_layers:
+        step = 1 if verify == "full" else min(SAMPLE_EVERY, layout.num_experts)  # at least one per layer
+        out[layer] = (np.arange(layout.num_experts) + layer) % step == 0
+    return out
 
 
 def _probe_mode(probe_cache: bool) -> str | None:
@@ -334,6 +369,10 @@ class ExpertStore:
             no page-cache copy, no reclaim under a memory cap, and no page-cache hits either (every read
             counts as a miss). Needs 4 KiB-aligned tensors and buffers (real checkpoints' sizes; pinned CUDA
             slots); says which tensor is not.
+        verify: check experts against layout.json's checksums the first time they are read: "off" (default),
+            "sample" (a fixed 1 in ``SAMPLE_EVERY`` of each layer's experts) or "full" (every expert). A
+            mismatch raises ``CheckpointError`` naming the file, layer and expert. The hash runs over the slot
+            buffers the read filled (no second read), on the reader threads, once per expert per store.
     """
 
     def __init__(
@@ -348,7 +387,10 @@ class ExpertStore:
         buffers=None,
         probe_cache: bool = True,
         direct: bool = False,
+        verify: str = "off",
     ):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         if capacity < 1 or num_sets < 1 or threads < 1:
             raise ValueError(f"capacity, num_sets and threads must be >= 1, got {capacity}, {num_sets}, {threads}")
         if not hasattr(os, "preadv"):
@@ -382,6 +424,13 @@ class ExpertStore:
         self._lock = threading.Lock()
         self._pool = _ReadPool(threads)
         self.stats = IOStats.zeros(max(self.layout.moe_layers, default=-1) + 1, self.layout.num_experts)
+        self.verify_mode = verify
+        self._unchecked = experts_to_check(self.layout, verify)  # [layers, experts]: still to hash on first read
+        self._gaps = []  # (zero bytes before the tensor, tensor name) in file order: what the checksum covers
+        pos = 0
+        for t in expert.tensors:
+            self._gaps.append((bytes(t.offset - pos), t.name))
+            pos = t.offset + t.nbytes
         files = [self._files] + ([self._read_files] if direct else [])
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, files, self.buffers, self._pending)
 
@@ -400,7 +449,7 @@ class ExpertStore:
                     raise ValueError(
                         f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
                         f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
-                        f"{view.ctypes.data:#x}; read through the page cache (direct=False) instead"
+                        f"{view.ctypes.data:#x}; read through the page cache (direct_io=False) instead"
                     )
                 iov.append(memoryview(view[slot]).cast("B"))
                 pos = t.offset + t.nbytes
@@ -457,6 +506,8 @@ class ExpertStore:
             per = len(iovecs[0]) if n else 1  # chunks per expert, in job order
             hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
             self._record(layer, ids, hits, seconds)
+            if self._unchecked is not None:
+                self._check_sums(layer, ids, index)
             arrays = self.buffers.compute_arrays(index, n)
         return SlotSet(arrays, n, ids, index, pending)
 
@@ -481,6 +532,35 @@ class ExpertStore:
             dup = sorted({e for e in ids if ids.count(e) > 1})
             raise ValueError(f"layer {layer}: expert ids must be distinct, got {dup} more than once")
         return ids
+
+    def _check_sums(self, layer: int, ids: list[int], index: int) -> None:
+        """Hash the experts of this fetch not checked yet (in parallel on the pool) against layout.json."""
+        todo = np.flatnonzero(self._unchecked[layer, ids]).tolist()
+        if not todo:
+            return
+        views, done = self.buffers.host_views(index), SimpleQueue()
+        for slot in todo:
+            self._pool.submit(self._slot_checksum, (views, slot), done)
+        results = [done.get() for _ in todo]
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        for slot, got in sorted(results):
+            e, want = ids[slot], self.layout.checksums[layer][ids[slot]]
+            if got != want:
+                raise CheckpointError(
+                    f"{self._files.paths[layer]}: layer {layer} expert {e}: checksum {got} does not match "
+                    f"{want} in layout.json (damaged, or from another conversion); run `flash-moe verify "
+                    f"{self.folder}` to list every damaged expert"
+                )
+            self._unchecked[layer, e] = False
+
+    def _slot_checksum(self, views: dict, slot: int) -> tuple[int, str]:
+        h = hashlib.blake2b(digest_size=16)
+        for gap, name in self._gaps:
+            h.update(gap)  # alignment gaps are zeros in a well-formed file; the reader skips them
+            h.update(views[name][slot])
+        return slot, h.hexdigest()
 
     def _read_chunk_of(self, fd: int, iov: list, layer: int, expert: int, delta: int, nbytes: int) -> bool | None:
         """One chunk of one expert, one preadv. Returns whether it was a page-cache hit (None when not probed)."""

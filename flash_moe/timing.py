@@ -132,6 +132,8 @@ class PhaseTimer:
 
     def table(self) -> str:
         s = self.summary()
+        if not s["tokens"]:  # every rate below would be 0/0
+            return "timing: no tokens were generated, nothing to show"
         parallel = getattr(self.model, "parallel", None) is not None
         cols = [c for c in PHASES if c != "comm" or parallel]  # comm: expert-parallel runs only
         lines = [f"{'ms/token':<18}" + "".join(f"{c:>15}" for c in cols) + f"{'total':>10}"]

@@ -58,6 +58,34 @@ class _Malformed(ValueError):
     pass
 
 
+class _DuplicateKey(_Malformed):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"key {key!r} given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _loads(text: str) -> Any:
+    """json.loads that refuses an object with a key given twice (at any depth): the call shown to the user
+    and the call another reader of the same text sees must not differ."""
+    return json.loads(text, strict=False, object_pairs_hook=_unique_keys)
+
+
+def _literal(text: str) -> Any:
+    """ast.literal_eval that refuses a dict with a key given twice (at any depth)."""
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict) and None not in node.keys:
+            _unique_keys([(ast.literal_eval(key), None) for key in node.keys])
+    return ast.literal_eval(tree)
+
+
 def tool_call_format(chat_template: str) -> str:
     """'xml' when the chat template teaches `<function=…>` calls (Qwen3.5), else 'json'."""
     return "xml" if "<function=" in (chat_template or "") else "json"
@@ -107,10 +135,14 @@ def _text_to(kind: str, text: str) -> Any:
             return int(value)
     if kind in ("array", "object"):
         try:
-            value = json.loads(word, strict=False)
+            value = _loads(word)
+        except _DuplicateKey:
+            raise
         except ValueError:
             try:  # Python-literal spelling ('a', True, None) is a common slip
-                value = ast.literal_eval(word)
+                value = _literal(word)
+            except _DuplicateKey:
+                raise
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 value = None
         if isinstance(value, _CONTAINERS[kind]):
@@ -129,8 +161,10 @@ def _coerce(name: str, value: Any, schema: Any, from_text: bool) -> Any:
     if types is None:
         if from_text:
             try:
-                parsed = json.loads(value, strict=False)
+                parsed = _loads(value)
                 return parsed if isinstance(parsed, (dict, list)) else value
+            except _DuplicateKey as e:
+                raise _Malformed(f"parameter {name!r}: {e}") from None
             except ValueError:
                 return value
         return value
@@ -143,6 +177,8 @@ def _coerce(name: str, value: Any, schema: Any, from_text: bool) -> Any:
             if kind in types:
                 try:
                     return _text_to(kind, value)
+                except _DuplicateKey as e:
+                    raise _Malformed(f"parameter {name!r}: {e}") from None
                 except ValueError:
                     pass
     elif value is None:
@@ -255,19 +291,27 @@ def _parse_xml_body(body: str) -> Tuple[str, dict]:
 
 def _parse_json_body(body: str) -> Tuple[str, dict]:
     try:
-        call = json.loads(body, strict=False)
+        call = _loads(body)
+    except _DuplicateKey as e:
+        raise _Malformed(f"JSON tool call: {e}") from None
     except ValueError as e:
         raise _Malformed(f"bad JSON in tool call: {e}") from None
+    except RecursionError:
+        raise _Malformed("bad JSON in tool call: nested too deeply") from None
     if (
         not isinstance(call, dict)
         or not isinstance(call.get("name"), str)
         or not call["name"]
     ):
         raise _Malformed('JSON tool call needs {"name": str, "arguments": {...}}')
+    if "arguments" in call and "parameters" in call:
+        raise _Malformed(f"function {call['name']!r}: both \"arguments\" and \"parameters\" given")
     arguments = call.get("arguments", call.get("parameters", {}))
     if isinstance(arguments, str):  # some models send the arguments JSON-encoded
         try:
-            arguments = json.loads(arguments, strict=False) if arguments.strip() else {}
+            arguments = _loads(arguments) if arguments.strip() else {}
+        except _DuplicateKey as e:
+            raise _Malformed(f"function {call['name']!r}: arguments: {e}") from None
         except ValueError as e:
             raise _Malformed(
                 f"function {call['name']!r}: bad JSON arguments: {e}"
@@ -315,11 +359,9 @@ def parse_tool_call(
 
 # ---- whole outputs -----------------------------------------------------------------
 
+_THINK_BLOCK = re.escape(THINK_START) + r"(.*?)(?:" + re.escape(THINK_END) + r"|\Z)"
 _BLOCK = re.compile(
-    re.escape(THINK_START)
-    + r"(.*?)(?:"
-    + re.escape(THINK_END)
-    + r"|\Z)"
+    _THINK_BLOCK
     + "|"
     + re.escape(TOOL_CALL_START)
     + r"(.*?)("
@@ -327,10 +369,14 @@ _BLOCK = re.compile(
     + r"|\Z)",
     re.DOTALL,
 )
+_THINK_ONLY = re.compile(_THINK_BLOCK, re.DOTALL)
 
 
 def parse_output(
-    text: str, tools: Optional[list] = None, in_reasoning: bool = False
+    text: str,
+    tools: Optional[list] = None,
+    in_reasoning: bool = False,
+    parse_tools: bool = True,
 ) -> ParsedOutput:
     """Split a complete model output into content, reasoning and tool calls.
 
@@ -339,11 +385,13 @@ def parse_output(
         tools: OpenAI-format tool list used to check and type the calls.
         in_reasoning: True when the prompt ended inside `<think>` (Qwen templates that open
             the think block for the model), so the output starts as reasoning.
+        parse_tools: False leaves tool-call markup in the content as text (no calls are
+            parsed: a chat with its tools off must not run what the model writes).
     """
     if in_reasoning:
         text = THINK_START + text
     content, reasoning, calls, pos = [], [], [], 0
-    for block in _BLOCK.finditer(text):
+    for block in (_BLOCK if parse_tools else _THINK_ONLY).finditer(text):
         content.append(text[pos : block.start()])
         if block.group(1) is not None:
             reasoning.append(block.group(1))
@@ -402,14 +450,21 @@ class ToolCallStreamParser:
     """Incremental twin of `parse_output`: feed text deltas, get events.
 
     Events are ("text", str), ("reasoning", str) and ("tool_call", ToolCall |
-    ToolCallError). A delta ending in a possible tag prefix ("<tool_") is held back until
-    the next delta decides it, and whitespace at segment edges is held until it is known
-    not to be an edge, so concatenating the events gives exactly `parse_output`'s result
-    for any split of the text.
+    ToolCallError); with `parse_tools=False` tool-call markup is text. A delta ending in a
+    possible tag prefix ("<tool_") is held back until the next delta decides it, and
+    whitespace at segment edges is held until it is known not to be an edge, so
+    concatenating the events gives exactly `parse_output`'s result for any split of the
+    text.
     """
 
-    def __init__(self, tools: Optional[list] = None, in_reasoning: bool = False):
+    def __init__(
+        self,
+        tools: Optional[list] = None,
+        in_reasoning: bool = False,
+        parse_tools: bool = True,
+    ):
         self.tools = tools
+        self._starts = (TOOL_CALL_START, THINK_START) if parse_tools else (THINK_START,)
         self._mode = "reasoning" if in_reasoning else "text"
         self._buffer = ""
         self._held_space = ""  # trailing whitespace of the open segment
@@ -429,9 +484,7 @@ class ToolCallStreamParser:
                 events.append(("tool_call", parse_tool_call(body, self.tools)))
                 self._mode = "text"
                 continue
-            tags = (
-                (TOOL_CALL_START, THINK_START) if self._mode == "text" else (THINK_END,)
-            )
+            tags = self._starts if self._mode == "text" else (THINK_END,)
             found = [(i, tag) for tag in tags if (i := self._buffer.find(tag)) >= 0]
             if not found:
                 keep = _partial_tag_len(self._buffer, tags)

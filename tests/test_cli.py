@@ -25,7 +25,7 @@ import pytest
 from conftest import seed_note
 
 import flash_moe
-import flash_moe.generate as gen
+import flash_moe.generation as gen
 from flash_moe import chat as chat_mod
 from flash_moe import load
 from flash_moe.cli import build_parser, main
@@ -158,7 +158,7 @@ def test_chat_through_stdin(demo, demo_folder):
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     hello = expected_reply(demo, [{"role": "user", "content": "hello"}])
     hi = expected_reply(demo, [{"role": "user", "content": "hi"}])  # a fresh history after /reset
-    transcript = [f"flash-moe chat: {demo}\n/reset clears the history, /exit quits.\n", hello, "(history cleared)\n",
+    transcript = [f"flash-moe chat: {demo}\n{chat_mod.HELP}\n", hello, "(history cleared)\n",
                   hi, "bye\n"]
     assert run.stdout == ">>> ".join(transcript), run.stdout
 
@@ -172,6 +172,9 @@ class Recorder:
     def stream_generate(self, messages, **kwargs):
         self.turns.append([dict(m) for m in messages])
         return self.model.stream_generate(messages, **kwargs)
+
+    def make_prompt_cache(self):
+        return self.model.make_prompt_cache()
 
 
 def test_chat_history_and_reset(demo, monkeypatch, seed):
@@ -322,3 +325,104 @@ def test_every_command_has_help(tmp_path):
     if script.exists():
         run = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0 and "--max-tokens" in run.stdout
+
+
+# ---- input checks (issue 13 item 7), context length (item 5) -------------------------------------------
+
+
+def demo_variant(demo_folder: Path, folder: Path, drop=(), config=None) -> Path:
+    """The converted demo with files left out or config.json edited; the rest linked, not copied."""
+    import json
+
+    folder.mkdir()
+    for f in demo_folder.iterdir():
+        if f.name not in drop:
+            (folder / f.name).symlink_to(f)
+    if config:
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps({**json.loads((demo_folder / "config.json").read_text()), **config}))
+    return folder
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temp", "nan"], "argument --temp: must be a finite number >= 0, got nan"),
+    (["--temp", "-1"], "argument --temp: must be a finite number >= 0, got -1"),
+    (["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+    (["--top-p", "inf"], "argument --top-p: must be in (0, 1], got inf"),
+    (["--min-p", "2"], "argument --min-p: must be in [0, 1], got 2"),
+    (["--top-k", "-2"], "argument --top-k: must be >= 0, got -2"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a finite number > 0, got 0"),
+    (["--seed", "-3"], "argument --seed: must be in 0..2**64-1, got -3"),
+    (["--seed", "x"], "argument --seed: expected an integer, got 'x'"),
+    (["--max-tokens", "-1"], "argument --max-tokens: must be at least 1, got -1"),
+    (["--max-tokens", "0", "--timing"], "argument --max-tokens: must be at least 1, got 0"),
+    (["--k", "0"], "argument --k: must be at least 1, got 0"),
+    (["--cache-experts", "2.5"], "argument --cache-experts: expected a count, a fraction in (0, 1), 'all' or 'auto', got '2.5'"),
+    (["--cache-experts", "-1"], "argument --cache-experts: expected a count, a fraction in (0, 1), 'all' or 'auto', got '-1'"),
+    (["--cache-experts", "lots"], "argument --cache-experts: expected a count, a fraction in (0, 1), 'all' or 'auto', got 'lots'"),
+])
+def test_bad_flag_values_name_the_flag(demo_folder, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", str(demo_folder), "--prompt", "x", *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"flash-moe generate: error: {message}"
+
+
+def test_library_errors_name_the_flag(demo_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:  # 17 experts is more than the demo has
+        main(["generate", "--model", str(demo_folder), "--prompt", "x", "--k", "17"])
+    assert exit.value.code == "flash-moe generate: error: --k must be in 1..16, got 17"
+    # the demo's expert layout is not 4 KiB-aligned: direct reads are refused, and the way out is the flag
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", str(demo_folder), "--prompt", "x", "--direct-io", "on", "--max-tokens", "2"])
+    message = str(exit.value.code)
+    assert message.startswith("flash-moe generate: error: direct reads") and "\n" not in message, message
+    assert "direct=" not in message and "direct_io" not in message, message
+    assert "--direct-io off" in message or "neither" in message, message  # "neither": a platform without O_DIRECT
+    no_tokenizer = demo_variant(demo_folder, tmp_path / "m", drop=("tokenizer.json",))
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", str(no_tokenizer), "--prompt", "hi"])
+    assert exit.value.code == f"flash-moe generate: error: {no_tokenizer / 'tokenizer.json'}: missing; flash_moe needs the model's tokenizer.json"
+
+
+def test_loading_flags_that_do_nothing_say_so(demo_folder, capsys):
+    from flash_moe.kernels import BACKEND
+
+    if BACKEND == "cuda":
+        pytest.skip("CUDA has the device cache these flags act on")
+    main(["generate", "--model", str(demo_folder), "--prompt", "x", "--max-tokens", "2", "--preload"])
+    assert "flash-moe: note: --preload does nothing here: there is no device expert cache" in capsys.readouterr().err
+    main(["generate", "--model", str(demo_folder), "--prompt", "x", "--max-tokens", "2", "--cache-experts", "5"])
+    assert "flash-moe: note: there is no separate GPU memory" in capsys.readouterr().err
+    main(["generate", "--model", str(demo_folder), "--prompt", "x", "--max-tokens", "2"])
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"flash-moe {flash_moe.__version__}\n"
+
+
+def test_prompt_past_the_context_warns_or_fails(demo_folder, tmp_path, capsys):
+    short = demo_variant(demo_folder, tmp_path / "m", config={"max_position_embeddings": 8})
+    prompt = "def main(argv):\n    return parse(argv)\n"
+    n = len(load(demo_folder).tokenizer.encode(prompt))
+    main(["generate", "--model", str(short), "--prompt", prompt, "--raw", "--max-tokens", "2"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"flash-moe: warning: the prompt has {n} tokens, more than the 8 this model was trained for "
+                      "(max_position_embeddings in config.json); output past that is unreliable"), err
+    assert not [line for line in err if "Token indices" in line or "transformers" in line], err
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", str(short), "--prompt", prompt, "--raw", "--strict-context"])
+    assert str(exit.value.code).startswith(f"flash-moe generate: error: the prompt has {n} tokens, more than the 8")
+
+
+def test_timing_table_without_tokens(demo):
+    from flash_moe.timing import PhaseTimer
+
+    timer = PhaseTimer(demo).install()
+    try:
+        assert "nan" not in timer.table() and "no tokens" in timer.table()
+    finally:
+        timer.uninstall()

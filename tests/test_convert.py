@@ -11,6 +11,7 @@ from __future__ import annotations
 import filecmp
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +23,6 @@ import hf_models
 from conftest import derive_seed, seed_note
 
 import flash_moe
-from flash_moe import convert as convert_mod
 from flash_moe.checkpoint import CheckpointError
 from flash_moe.convert import convert
 from flash_moe.layout import ModelLayout
@@ -30,6 +30,8 @@ from flash_moe.load import read_packed_experts
 from flash_moe.model import ModelArgs, sanitize
 from flash_moe.safetensors_io import SafetensorsIndex
 from flash_moe.store import verify
+
+convert_mod = sys.modules["flash_moe.convert"]  # the module; flash_moe.convert is the function, as in mlx-lm
 
 REF_TOL = 1e-4
 SIZES = dict(hidden_size=128, moe_intermediate_size=64)  # multiples of 64: every group size divides them
@@ -141,10 +143,11 @@ def test_hf_source_converts_exactly(sources, name, tmp_path, seed):
 # ---------------------------------------------------------------- mlx-community source
 
 
-def mlx_community(folder: Path, torch_model, hf_config: dict, bits: int | None = 4, group_size: int = 64) -> Path:
+def mlx_community(folder: Path, torch_model, hf_config: dict, bits: int | None = 4, group_size: int = 64,
+                  dtype=mx.bfloat16) -> Path:
     """An mlx-lm style checkpoint of ``torch_model``: language_model.* names, switch_mlp experts, norms
-    stored as 1 + w, conv1d (C, k, 1), bfloat16; with ``bits`` every matrix quantized (router and shared
-    gate at 8 bits)."""
+    stored as 1 + w, conv1d (C, k, 1), ``dtype``; with ``bits`` every matrix quantized (router and shared
+    gate at 8 bits; scales and biases in ``dtype``)."""
     args = ModelArgs.from_config(hf_config)
     hf = {k: mx.array(v.detach().numpy()) for k, v in torch_model.state_dict().items()}
     ours, _ = sanitize(hf, args)
@@ -155,7 +158,7 @@ def mlx_community(folder: Path, torch_model, hf_config: dict, bits: int | None =
         if name.endswith("A_log"):
             out[mlx_name] = w
             continue
-        w = w.astype(mx.bfloat16)
+        w = w.astype(dtype)
         if bits and w.ndim >= 2 and "conv1d" not in name and w.shape[-1] % group_size == 0:
             base = mlx_name[: -len(".weight")]
             b = 8 if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) else bits
@@ -225,6 +228,26 @@ def test_mlx_unquantized_source(sources, tmp_path, seed):
     tokens = hf_models.random_tokens(gen, COMPOSITE["vocab_size"], (2, 12))
     err = rel_err(logits(flash_moe.load(dst, dtype="float32", slots=4), tokens),
                   logits(flash_moe.load(src, dtype="float32"), tokens))
+    assert err <= 1e-5, f"relative error {err:.2e} " + seed_note(seed)
+
+
+def test_mlx_float32_source_needs_no_options(sources, tmp_path, seed):
+    """convert(src, dst) of an MLX checkpoint with float32 scales at 8 bits, group 32 takes the source's
+    settings (it used to refuse and ask for --dtype float32) and repacks the experts byte for byte."""
+    folder, model, _ = sources("composite_per_expert_mtp")
+    src = mlx_community(tmp_path / "mlx", model, json.loads((folder / "config.json").read_text()), bits=8,
+                        group_size=32, dtype=mx.float32)
+    dst = convert(src, tmp_path / "out", progress=False)
+    layout = ModelLayout.read(dst)
+    assert (layout.expert.bits, layout.expert.group_size, layout.expert.dtype) == (8, 32, "float32")
+    index = SafetensorsIndex([src / "model.safetensors"])
+    data = np.fromfile(dst / layout.layer_file(layout.moe_layers[0]), np.uint8)
+    for t in layout.expert.tensors:
+        key = f"language_model.model.layers.{layout.moe_layers[0]}.mlp.switch_mlp.{t.name}"
+        assert data[t.offset : t.offset + t.nbytes].tobytes() == index.read_bytes(key, 0, 1), t.name
+    index.close()
+    tokens = hf_models.random_tokens(np.random.default_rng(seed), COMPOSITE["vocab_size"], (1, 10))
+    err = rel_err(logits(flash_moe.load(dst, slots=4), tokens), logits(flash_moe.load(src), tokens))
     assert err <= 1e-5, f"relative error {err:.2e} " + seed_note(seed)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from flash_moe import load
 from flash_moe.checkpoint import CheckpointError
 from flash_moe.distributed import USAGE_FILE, assign_experts, read_usage, record_usage
 from flash_moe.expert_cache import ExpertCache
-from flash_moe.generate import generate_step
+from flash_moe.generation import generate_step
 from flash_moe.streaming import StreamingExperts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,6 +323,42 @@ def test_ranks_match_single_process(models, tmp_path, seed, ranks, bits, options
         assert np.array_equal(sum(g["usage"] for g in got), single_usage), seed_note(seed)
 
 
+def test_prompt_cache_turns_match_single_process(models, tmp_path, seed):
+    """Chat-like turns on one prompt cache under 2 ranks: every rank reuses the same prefix (a continuation,
+    a divergence back to a checkpoint), and each turn's tokens and first logprobs equal one process's run
+    of the whole prompt without a cache. A Ctrl-C on rank 0 mid-reply stops every rank after that step, and
+    the next turn goes on; a cache loaded on rank 0 alone is a ParallelError on every rank, not a hang."""
+    folder = models(16)
+    rng = np.random.default_rng(seed)
+    spec = {"tokens": rng.integers(0, 4096, 9).tolist(), "extra": rng.integers(0, 4096, 3).tolist(), "turns": True,
+            "load": {"slots": 4, "cache_experts": 0}}
+    out = str(tmp_path / "rank{rank}.json")
+    runs = finish(start_ranks(2, [str(WORKER), str(folder), out, json.dumps(spec)], tmp_path))
+    for rank, (code, _, err) in enumerate(runs):
+        assert code == 0, f"rank {rank}: {err}"
+    lead, follower = (json.loads(Path(out.format(rank=r)).read_text()) for r in range(2))
+    n = len(spec["tokens"])
+    same = [i for i in range(len(lead)) if i != 5]  # 5: the cache loaded on rank 0 alone
+    assert [lead[i]["reused"] for i in same] == [follower[i]["reused"] for i in same]  # the mirror decides alike
+    assert lead[5]["reused"] > 0 and follower[5]["reused"] == 0
+    assert [r["reused"] for r in lead[:3]] == [0, n + 3, n - 3], seed_note(seed)
+    assert lead[3]["stop"] == "interrupted" and len(lead[3]["tokens"]) == 2  # Ctrl-C in the 2nd step
+    assert follower[3]["stop"] == "done" and follower[3]["tokens"] == lead[3]["tokens"]
+    for r in (lead[5], follower[5]):
+        assert "prompt cache holds other tokens than rank 0's" in r["stop"] and not r["tokens"], r
+    assert lead[4]["reused"] > 0 and lead[6]["reused"] > 0
+    model = load(folder, group=None, slots=4, cache_experts=0)
+    for i, (a, b) in enumerate(zip(lead, follower)):
+        if i == 5:
+            continue
+        assert a["stop"] in ("done", "interrupted") and a["tokens"] == b["tokens"], i
+        alone = [(t, np.array(lp)) for t, lp in generate_step(mx.array(a["prompt"], mx.int32), model,
+                                                               max_tokens=len(a["tokens"]))]
+        assert a["tokens"] == [t for t, _ in alone], (i, seed_note(seed))
+        assert rel_err(a["first"], alone[0][1]) <= TOL, (i, seed_note(seed))
+    model.close()
+
+
 def mlx_launch(n: int, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("mlx.launch")
     if not launcher.exists():
@@ -357,6 +394,24 @@ def test_cli_chat_under_mlx_launch(models):
                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, timeout=TIMEOUT)
     assert alone.returncode == 0 and alone.stdout.count(">>> ") == 3, alone.stderr
     assert split.stdout == alone.stdout, split.stderr
+
+
+def test_cli_prompt_cache_under_mlx_launch(models, tmp_path):
+    """``cache-prompt`` split (rank 0 writes the file), then ``generate --prompt-cache`` split (every rank loads
+    it, the followers' copies mirror rank 0's): the text equals one process's, with the cached tokens reused."""
+    folder, cached = models(16), tmp_path / "doc.safetensors"
+    run = mlx_launch(2, ["cache-prompt", "--model", str(folder), "--prompt", "def main(args):", "--raw",
+                         "--out", str(cached)])
+    assert run.returncode == 0 and "prompt tokens cached" in run.stdout, run.stderr
+    args = ["generate", "--model", str(folder), "--prompt-cache", str(cached), "--prompt", " return", "--raw",
+            "--max-tokens", "6"]
+    split = mlx_launch(2, args)
+    alone = subprocess.run([sys.executable, "-m", "flash_moe", *args], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, timeout=TIMEOUT)
+    reused = re.search(r"tokens \((\d+) cached\)", alone.stderr)
+    assert alone.returncode == 0 and reused and int(reused[1]) > 0, alone.stderr
+    assert split.returncode == 0 and split.stdout == alone.stdout, split.stderr
+    assert re.findall(r"tokens \((\d+) cached\)", split.stderr) == [reused[1]], split.stderr
 
 
 @pytest.mark.parametrize("ranks, victim", [(2, 1), (3, 0)])

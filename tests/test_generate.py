@@ -20,7 +20,7 @@ import pytest
 
 from conftest import seed_note
 
-import flash_moe.generate as gen
+import flash_moe.generation as gen
 from flash_moe import load
 from flash_moe.layout import ModelLayout
 from flash_moe.timing import PHASES, PhaseTimer

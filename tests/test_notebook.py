@@ -36,3 +36,24 @@ def test_quickstart_notebook_runs(tmp_path):
                      "ms/token", "decode: ", "page-cache hit rate"):
         assert expected in text, (expected, text[-2000:])
     assert (tmp_path / "home" / "demo" / "converted" / "layout.json").exists()
+
+    # The first thing shown is a generation that reads like Python, not a line repeated over and over.
+    first = next(o for o in outputs if o.output_type in ("stream", "display_data", "execute_result"))
+    assert first.output_type == "stream" and first.text.startswith('    def close(self):\n        """Close the file."""\n'), first
+    lines = [line for line in first.text.splitlines() if line.strip()]
+    assert len(lines) >= 6 and len(set(lines)) >= 0.8 * len(lines), first.text
+    # Every plot has a title, and its axes say their units.
+    plots = [cell.source for cell in nb.cells if cell.cell_type == "code" and "plt.show()" in cell.source]
+    assert len(plots) == 2 and all("set_title(" in src for src in plots), plots
+    assert "share of reads (%)" in plots[0] and "time per token (ms)" in plots[1], plots
+
+
+def test_notebook_extra_and_links():
+    """pip install -e ".[notebook]" brings what the notebook needs, and the README and usage.md point to it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((NOTEBOOK.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["notebook"]}
+    assert {"jupyter", "ipykernel", "matplotlib"} <= names, extras["notebook"]
+    for doc in ("README.md", "docs/usage.md"):
+        text = (NOTEBOOK.parents[1] / doc).read_text()
+        assert "examples/quickstart.ipynb" in text and '.[notebook]' in text, doc

@@ -1,13 +1,17 @@
 """Tool-call and thinking parsing: both Qwen formats, schema typing, errors, streaming.
 
 The streaming parser is checked against the one-shot parser on random outputs cut into
-random chunks (fresh seed per run, printed and named in assertion messages).
+random chunks (fresh seed per run, printed and named in assertion messages), and with
+hypothesis on random text and random mutations of valid calls in both formats.
 """
 
 import json
 import random
+import signal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flash_moe.tool_calls import (
     ParsedOutput,
@@ -275,6 +279,29 @@ def test_no_tools_keeps_text_values():
             ),
             "given twice",
         ),
+        # JSON with a key given twice, at any depth: the call shown and the call run must not differ
+        ('<tool_call>{"name": "search", "name": "x", "arguments": {"query": "q"}}</tool_call>', "'name' given twice"),
+        (
+            '<tool_call>{"name": "search", "arguments": {"query": "a"}, "arguments": {"query": "b"}}</tool_call>',
+            "'arguments' given twice",
+        ),
+        ('<tool_call>{"name": "search", "arguments": {"query": "a", "query": "b"}}</tool_call>', "'query' given twice"),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "X", "options": {"a": [{"k": 1, "k": 2}]}}}'
+            "</tool_call>",
+            "'k' given twice",
+        ),
+        (
+            '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"a\\", \\"query\\": \\"b\\"}"}</tool_call>',
+            "'query' given twice",
+        ),
+        (
+            '<tool_call>{"name": "search", "arguments": {"query": "a"}, "parameters": {"query": "b"}}</tool_call>',
+            'both "arguments" and "parameters"',
+        ),
+        (xml_call("get_weather", city="X", options='{"a": 1, "a": 2}'), "'options': key 'a' given twice"),
+        (xml_call("get_weather", city="X", options="{'a': 1, 'a': 2}"), "'options': key 'a' given twice"),
+        (xml_call("search", query="q", extra='{"a": {"b": 1, "b": 2}}'), "'extra': key 'b' given twice"),
     ],
 )
 def test_malformed_calls_are_error_values(text, message):
@@ -307,9 +334,9 @@ def test_format_openai_and_template_detection():
 # ---- streaming -------------------------------------------------------------------------
 
 
-def run_stream(text, chunks, tools=TOOLS, in_reasoning=False):
+def run_stream(text, chunks, tools=TOOLS, in_reasoning=False, parse_tools=True):
     """Feed `text` cut at `chunks` boundaries; return (merged ParsedOutput, events)."""
-    parser = ToolCallStreamParser(tools, in_reasoning=in_reasoning)
+    parser = ToolCallStreamParser(tools, in_reasoning=in_reasoning, parse_tools=parse_tools)
     events, pos = [], 0
     for size in chunks:
         events += parser.feed(text[pos : pos + size])
@@ -415,6 +442,21 @@ def test_stream_equals_one_shot_char_by_char_and_random_chunks(seed):
             assert all(s for kind, s in events if kind != "tool_call"), "empty event"
 
 
+def test_parse_tools_off_leaves_calls_as_text(seed):
+    """chat --no-tools: tool-call markup is content, thinking is still split off."""
+    text = f"<think>\nplan {xml_call('search', query='x')}\n</think>\nOK.\n{json_call('search', query='y')}"
+    want = ParsedOutput(f"OK.\n{json_call('search', query='y')}", f"plan {xml_call('search', query='x')}", [])
+    assert parse_output(text, TOOLS, parse_tools=False) == want
+    assert parse_output(text, TOOLS).tool_calls != [], "on by default"
+    rng = random.Random(seed)
+    for case in range(50):
+        text = random_output(rng)
+        want = parse_output(text, TOOLS, parse_tools=False)
+        assert want.tool_calls == []
+        got, _ = run_stream(text, [rng.randint(1, 8) for _ in text], parse_tools=False)
+        assert got == want, f"seed={seed} case={case}: {text!r}"
+
+
 def test_stream_holds_back_partial_tags():
     parser = ToolCallStreamParser(TOOLS)
     assert parser.feed("Checking <tool_") == [("text", "Checking")]
@@ -457,3 +499,130 @@ def test_stream_never_raises_on_garbage(seed):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         got, _ = run_stream(text, [rng.randint(1, 5) for _ in range(len(text))])
         assert got == parse_output(text, TOOLS), f"seed={seed}: {text!r}"
+
+
+# ---- property tests (hypothesis) -------------------------------------------------------
+
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<think>", "</think>", "<function=", "</function>",
+    "<parameter=", "</parameter>", "<", ">", "/", "=", "\n", " ", "{", "}", "[", "]",
+    '"', "'", ":", ",", "\\", "name", "arguments", "parameters", "search", "query",
+    "get_weather", "city", "days", "hours", "options", "true", "null", "1e999", "\u202e",
+]
+noise = st.lists(
+    st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=30
+).map("".join)
+# XML values cannot hold their closing tag, and no call can hold `</tool_call>`.
+value = st.text(max_size=12).filter(lambda v: "</" not in v)
+weather_args = st.fixed_dictionaries(
+    {"city": value},
+    optional={
+        "days": st.integers(-(10**20), 10**20),
+        "metric": st.booleans(),
+        "hours": st.lists(st.integers(0, 23), max_size=3),
+        "options": st.dictionaries(value, st.integers() | value | st.none(), max_size=3),
+    },
+)
+valid_call = st.one_of(
+    st.tuples(st.just("search"), st.fixed_dictionaries({"query": value})),
+    st.tuples(st.just("get_weather"), weather_args),
+)
+
+
+def render(name, arguments, fmt):
+    """A call as the model writes it, in the XML or the JSON format."""
+    if fmt == "json":
+        return json_call(name, **arguments)
+    as_text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
+    return xml_call(name, **as_text)
+
+
+@st.composite
+def mutated(draw, text):
+    """`text` with a few random edits: cuts, inserted fragments, duplicated or swapped slices."""
+    for _ in range(draw(st.integers(0, 4))):
+        i = draw(st.integers(0, len(text)))
+        j = draw(st.integers(i, min(len(text), i + 12)))
+        edit = draw(st.sampled_from(["cut", "insert", "repeat", "replace"]))
+        if edit == "cut":
+            text = text[:i] + text[j:]
+        elif edit == "insert":
+            text = text[:i] + draw(noise) + text[i:]
+        elif edit == "repeat":
+            text = text[:j] + text[i:j] + text[j:]
+        else:
+            text = text[:i] + draw(st.sampled_from(FRAGMENTS)) + text[j:]
+    return text
+
+
+def chunks_of(text):
+    return st.lists(st.integers(1, 16), max_size=len(text) + 1)
+
+
+@pytest.fixture
+def no_hang():
+    """An example running past 10 s fails as a hang (the timer interrupts even an endless loop)."""
+
+    def hung(signum, frame):
+        raise TimeoutError("parser hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    yield lambda: signal.setitimer(signal.ITIMER_REAL, 10)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def check_parsers(text, chunks, **kwargs):
+    """Both parsers take `text` without raising, agree for this chunking, and report
+    malformed calls as ToolCallError values, never as a parser failure."""
+    want = parse_output(text, TOOLS, **kwargs)
+    got, _ = run_stream(text, chunks, **kwargs)
+    assert got == want
+    for call in want.tool_calls:
+        assert isinstance(call, (ToolCall, ToolCallError))
+        if isinstance(call, ToolCallError):
+            assert not call.message.startswith("tool call parser failed"), call.message
+    return want
+
+
+SETTINGS = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_property_noise_never_breaks_the_parsers(no_hang, data):
+    text = data.draw(noise)
+    no_hang()
+    check_parsers(
+        text,
+        data.draw(chunks_of(text)),
+        in_reasoning=data.draw(st.booleans()),
+        parse_tools=data.draw(st.booleans()),
+    )
+
+
+@SETTINGS
+@given(call=valid_call, fmt=st.sampled_from(["xml", "json"]), data=st.data())
+def test_property_mutated_calls_never_break_the_parsers(no_hang, call, fmt, data):
+    text = data.draw(mutated(render(*call, fmt)))
+    no_hang()
+    check_parsers(text, data.draw(chunks_of(text)))
+
+
+@settings(SETTINGS, max_examples=80)
+@given(call=valid_call, fmt=st.sampled_from(["xml", "json"]), data=st.data())
+def test_property_valid_call_parses_the_same_in_any_chunking(no_hang, call, fmt, data):
+    name, arguments = call
+    prefix = data.draw(st.text(max_size=10).filter(lambda t: "<" not in t))
+    text = prefix + render(name, arguments, fmt) + "\n"
+    no_hang()
+    parsed = check_parsers(text, data.draw(chunks_of(text)))
+    assert parsed.content == prefix.strip() and len(parsed.tool_calls) == 1
+    (got,) = parsed.tool_calls
+    assert isinstance(got, ToolCall), got
+    assert (got.name, got.arguments) == (name, arguments)

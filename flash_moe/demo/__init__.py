@@ -31,7 +31,8 @@ def _fingerprint() -> str:
 
 
 def build(rebuild: bool = False, progress: bool = True, out=sys.stderr) -> Path:
-    """The converted demo folder, built on first use (or when the shipped assets changed)."""
+    """The converted demo folder, built on first use (or when the shipped assets changed); ``progress=False``
+    builds it without a word."""
     from ..convert import convert
 
     if not (ASSETS / "model.safetensors").exists():
@@ -41,7 +42,8 @@ def build(rebuild: bool = False, progress: bool = True, out=sys.stderr) -> Path:
     fp = _fingerprint()
     if not rebuild and (converted / "layout.json").exists() and stamp.exists() and stamp.read_text() == fp:
         return converted
-    print(f"building the demo model under {root} (once)", file=out)
+    if progress:
+        print(f"building the demo model under {root} (once)", file=out)
     shutil.rmtree(root, ignore_errors=True)
     hf.mkdir(parents=True)
     for f in ASSETS.iterdir():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import BatchKVCache
+
 
 class Attention(nn.Module):
     def __init__(self, args):
@@ -24,6 +26,9 @@ class Attention(nn.Module):
         self.rope_dims = int(self.head_dim * args.partial_rotary_factor)
         self.rope_theta = args.rope_theta
 
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(x, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, axis=-1)
@@ -31,15 +36,14 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
-        offset = cache.offset if cache is not None else 0
-        q = mx.fast.rope(q, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask="causal" if L > 1 else None
-        )
+        if isinstance(cache, BatchKVCache):  # a decode batch: every sequence at its own position
+            out = cache.attend(q, k, v, self.rope, self.scale)
+        else:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset), self.rope(k, offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(sigmoid_gate(out, gate.reshape(B, L, -1)))
 

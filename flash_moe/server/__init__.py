@@ -1,0 +1,95 @@
+"""``flash-moe serve``: an OpenAI- and Anthropic-compatible HTTP server (needs the ``server`` extra).
+
+``make_state`` loads nothing by itself: give it a loaded model. ``serve`` loads, checks the binding and runs
+uvicorn until interrupted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+
+from ..files import read_json
+from .worker import Metrics, Worker
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '1.5G', '0' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if s[-1:] in units else s)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M, 0)") from None
+    if value < 0:
+        raise ValueError(f"not a size: {text!r} (negative)")
+    return int(value * scale)
+
+
+def context_length(model) -> int:
+    """The model's context from config.json (``max_position_embeddings``, top level or text_config)."""
+    config = getattr(model, "raw_config", None)
+    if config is None and getattr(model, "path", None) is not None:
+        config = read_json(Path(model.path) / "config.json")
+    config = config or {}
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("max_position_embeddings"), int):
+            return c["max_position_embeddings"]
+    return 32768
+
+
+def make_state(model, *, max_batch: int = 8, max_queue: int | None = None, api_key: str | None = None,
+               prompt_cache_bytes: int | str = 8 << 30, model_id: str | None = None, default_max_tokens: int = 4096,
+               engine=None):
+    """The server's state around a loaded model (the worker is started by the app's lifespan); ``engine``
+    replaces the worker's continuous-batching engine (tests script it)."""
+    from ..generation import eos_token_ids
+    from .app import State
+
+    metrics = Metrics()
+    worker = Worker(model, max_batch=max_batch, max_queue=max_queue if max_queue is not None else 4 * max_batch,
+                    metrics=metrics, prompt_cache_bytes=parse_bytes(prompt_cache_bytes), engine=engine)
+    return State(model=model, worker=worker, metrics=metrics,
+                 model_id=model_id or Path(str(getattr(model, "path", "model"))).name,
+                 context=context_length(model), eos=eos_token_ids(model, model.tokenizer), api_key=api_key,
+                 default_max_tokens=default_max_tokens, started=time.time())
+
+
+def check_binding(host: str, api_key: str | None) -> None:
+    """Anything but loopback needs --api-key: the server runs a model anyone on the network could use."""
+    if host in LOOPBACK:
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    if not api_key:
+        raise ValueError(f"--host {host}: binding beyond this machine needs --api-key KEY")
+
+
+def serve(model, *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, max_queue: int | None = None,
+          prompt_cache_bytes: int | str = 8 << 30, api_key: str | None = None, experts_per_token: int | None = None,
+          default_max_tokens: int = 4096, log_level: str = "info", load_options: dict | None = None) -> None:
+    """Serve ``model`` (a loaded model or a path) on http://host:port until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+
+    check_binding(host, api_key)
+    if isinstance(model, (str, Path)):
+        from ..load import load
+
+        model = load(model, experts_per_token=experts_per_token, **(load_options or {}))
+    elif experts_per_token:
+        model.set_experts_per_token(experts_per_token)
+    state = make_state(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                       prompt_cache_bytes=prompt_cache_bytes, default_max_tokens=default_max_tokens)
+    model.tokenizer  # load it now, not on the first request
+    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
