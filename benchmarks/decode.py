@@ -51,8 +51,8 @@ def drop_page_cache(files) -> str:
     return "NOT dropped (no permission): results are warm"
 
 
-def enter_memory_cap(limit) -> str:
-    cg = Path("/sys/fs/cgroup/flash_moe_bench")
+def enter_memory_cap(limit, name: str = "flash_moe_bench") -> str:
+    cg = Path("/sys/fs/cgroup") / name
     try:
         cg.mkdir(exist_ok=True)
         (cg / "memory.max").write_text(limit)

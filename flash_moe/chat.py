@@ -41,8 +41,12 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
     """``load_options``: more keyword arguments of ``load`` (``cache_experts``, ``direct_io``, ...).
     ``verbose``: start with the per-turn stats line on (``/stats`` toggles it)."""
     from . import load
+    from .distributed import finish, follow, following
 
     model = load(model_path, experts_per_token=experts_per_token, **(load_options or {}))
+    if following(model):  # an expert-parallel rank other than 0: rank 0 talks, this one computes its experts
+        follow(model)
+        return
     schemas = BUILTIN_TOOLS if tools else None
     reset = [{"role": "system", "content": system}] if system else []
     history, cache, stats = list(reset), model.make_prompt_cache(), verbose
@@ -93,6 +97,7 @@ def chat(model_path: str, *, system: str | None = None, experts_per_token: int |
             print("\n[interrupted]", file=out)
             _close_tool_calls(history)
     print("bye", file=out)
+    finish(model)  # a split run: the other ranks stop following
 
 
 def _close_tool_calls(history: list) -> None:

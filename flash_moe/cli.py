@@ -120,17 +120,22 @@ def cmd_verify(args) -> None:
 
 def cmd_generate(args) -> None:
     from . import load
+    from .distributed import finish, follow, following
     from .generation import format_stats
     from .timing import PhaseTimer
 
     model = load(args.model, **_loading(args))
     _loading_notes(args, model)
+    timer = PhaseTimer(model).install() if args.timing else None  # on every rank: it evaluates per layer
+    if following(model):  # an expert-parallel rank other than 0: rank 0 has the text
+        # --prompt-cache: every rank loads the file; a follower's copy mirrors rank 0's
+        follow(model, timer=timer, prompt_cache=args.prompt_cache and _load_prompt_cache(args, model)[0])
+        return
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = None if args.raw else (model.tokenizer.chat_template is not None)
     cache = None
     if args.prompt_cache:
         prompt, chat, cache = _use_prompt_cache(args, model, prompt, chat)
-    timer = PhaseTimer(model).install() if args.timing else None
     last, calls = None, []
     for r in model.stream_generate(prompt, chat=chat, timer=timer, prompt_cache=cache, **_sampling(args)):
         print(r.text, end="", flush=True)
@@ -144,18 +149,12 @@ def cmd_generate(args) -> None:
     if timer:
         timer.uninstall()
         print(timer.table(), file=sys.stderr)
+    finish(model)  # a split run: the other ranks stop following
 
 
 def _use_prompt_cache(args, model, prompt: str, chat):
     """``generate --prompt-cache FILE``: the prompt continues the text cached there, templated as it was."""
-    from .prompt_cache import load_prompt_cache
-
-    try:
-        cache, info = load_prompt_cache(args.prompt_cache, model, return_metadata=True)
-    except FileNotFoundError:
-        raise ValueError(f"--prompt-cache: {args.prompt_cache}: no such file") from None
-    except ValueError as e:
-        raise ValueError(f"--prompt-cache: {e}") from None
+    cache, info = _load_prompt_cache(args, model)
     cached_chat = info.get("chat") == "1"
     if "prompt" not in info:
         raise ValueError(f"--prompt-cache: {args.prompt_cache} has no prompt text (not made by flash-moe cache-prompt)")
@@ -164,14 +163,29 @@ def _use_prompt_cache(args, model, prompt: str, chat):
     return info["prompt"] + prompt, cached_chat, cache
 
 
+def _load_prompt_cache(args, model):
+    from .prompt_cache import load_prompt_cache
+
+    try:
+        return load_prompt_cache(args.prompt_cache, model, return_metadata=True)
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-cache: {args.prompt_cache}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"--prompt-cache: {e}") from None
+
+
 def cmd_cache_prompt(args) -> None:
     import mlx.core as mx
 
     from . import load
+    from .distributed import finish, follow, following
     from .generation import generate_step, open_prompt_tokens
     from .prompt_cache import save_prompt_cache
 
     model = load(args.model, **_loading(args))
+    if following(model):  # an expert-parallel rank other than 0: rank 0 has the text and writes the file
+        follow(model)
+        return
     text = args.prompt if args.prompt != "-" else sys.stdin.read()
     chat = not args.raw and model.tokenizer.chat_template is not None
     ids = open_prompt_tokens(model.tokenizer, text, chat)
@@ -185,6 +199,7 @@ def cmd_cache_prompt(args) -> None:
     except OSError as e:
         raise ValueError(f"--out: cannot write {args.out} ({e.strerror or e})") from None
     print(f"{args.out}: {len(cache.tokens)} prompt tokens cached ({cache.nbytes / 2**20:.1f} MiB)")
+    finish(model)  # a split run: the other ranks stop following
 
 
 def cmd_chat(args) -> None:

@@ -32,12 +32,18 @@ _DTYPES = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "b
 
 
 class ExpertCache:
-    def __init__(self, store, capacity: int, *, weight: float = 10.0):
+    """``owned`` (expert-parallel runs): ``{layer: bool [num_experts]}``, the experts this rank reads; preload
+    takes only those. Such runs do not speculate: each rank's cache would decide alone whether a token runs
+    again, and the ranks' collectives would no longer pair up."""
+
+    def __init__(self, store, capacity: int, *, weight: float = 10.0, owned: dict | None = None):
         layout: ExpertLayout = store.layout.expert
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
         self.store, self.capacity, self.weight = store, capacity, weight
         self.num_experts = store.layout.num_experts
+        self.owned = owned
+        self.speculate = owned is None  # may tokens run without per-layer syncs when everything they need is cached
         self.arrays = {t.name: mx.zeros((capacity, *t.shape), _DTYPES[t.dtype]) for t in layout.tensors}
         mx.eval(list(self.arrays.values()))
         # The in-place kernel fill where the slot buffers offer it (pinned CUDA memory), else slice_update.
@@ -51,7 +57,6 @@ class ExpertCache:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
-        self.speculate = True  # may tokens run without per-layer syncs when everything they need is cached
         self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
         self._clean = 0  # synchronous fetches in a row without a miss
         self._moe_layers = len(store.layout.moe_layers)
@@ -128,7 +133,10 @@ class ExpertCache:
         usage = self.store.stats.usage
         layers = self.store.layout.moe_layers
         ranked = {l: np.argsort(-usage[l], kind="stable") for l in layers}
-        order = [(l, int(ranked[l][r])) for r in range(self.num_experts) for l in layers][: self.capacity]
+        if self.owned is not None:
+            ranked = {l: r[self.owned[l][r]] for l, r in ranked.items()}
+        order = [(l, int(ranked[l][r])) for r in range(self.num_experts) for l in layers if r < len(ranked[l])]
+        order = order[: self.capacity]
         todo = {}
         for l, e in order:
             if self.position[l * self.num_experts + e] < 0:

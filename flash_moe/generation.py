@@ -34,12 +34,25 @@ def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=Non
     checkpoint_at: prompt positions (besides the end of the prompt) where the cache snapshots its state,
         so a later prompt that diverges there restarts from it (``stream_generate`` passes the end of the
         chat history before the generation prompt).
+
+    In an expert-parallel run (``model.parallel``) every rank runs it together; the others take rank 0's
+    prompt, tokens and prompt-cache decisions (``flash_moe.distributed.lockstep``).
     """
+    steps = dict(max_tokens=max_tokens, sampler=sampler or make_sampler(), logits_processors=logits_processors,
+                 seed=seed, prefill_step_size=prefill_step_size, timer=timer, prompt_cache=prompt_cache,
+                 checkpoint_at=checkpoint_at)
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None:
+        return parallel.lockstep(_steps, prompt, model, **steps)
+    return _steps(prompt, model, **steps)
+
+
+def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefill_step_size, timer, prompt_cache,
+           checkpoint_at):
     keys = step_keys(seed)  # checks the seed before any work
     ids = prompt.tolist()
     check_token_ids(ids, model.config.vocab_size)  # once: sampled ids are in range by construction
     forward = getattr(model, "forward", model)  # the model call without its per-call id check
-    sampler = sampler or make_sampler()
     # Without a cache to keep, no checkpoints: they would hold a copy of the GDN state for nothing.
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_checkpoints=0)
     tokens = prompt

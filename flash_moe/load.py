@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_args, model_dtype,
                          read_config, read_tensors)
 from .files import open_regular
@@ -37,6 +38,7 @@ class LoadedModel:
         self.path = path
         self.store = store
         self.cache = None  # the ExpertCache, when one was asked for
+        self.parallel = None  # expert-parallel runs: this rank's distributed.Parallel (group, expert owners)
         self._tokenizer = None
 
     @property
@@ -132,6 +134,8 @@ class LoadedModel:
         return iter((self, self.tokenizer))
 
     def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()
         if self.store is not None:
             self.store.close()
 
@@ -271,7 +275,7 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
                    cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-                   direct_io: bool | str = "auto", verify: str = "off") -> LoadedModel:
+                   direct_io: bool | str = "auto", verify: str = "off", group="auto") -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
     from .expert_cache import ExpertCache
@@ -282,6 +286,9 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
 
     config = read_config(path)
     if is_family(config):  # a model mlx-lm implements, its experts streamed through its SwitchGLU seam
+        if distributed.resolve_group(group) is not None:
+            raise ValueError(f"{path}: expert-parallel runs support Qwen3.5-MoE and Qwen3-Next only "
+                             f"(model_type {config.get('model_type')!r}); pass group=None to run each process alone")
         return load_family(path, config, dtype=dtype, slots=slots, threads=threads, stream=stream,
                            cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
                            verify=verify)
@@ -293,16 +300,24 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     weights, where = read_tensors([resident])
     check_layout(layout, args, config, weights, path)
     e, store, cache = layout.expert, None, None
+    parallel = distributed.plan(group, path, layout)
+    if parallel is not None and not stream:
+        raise ValueError("an expert-parallel run streams its experts: load with stream=True, or group=None")
     if stream:
         capacity = slots or min(args.num_experts, max(32, 2 * args.num_experts_per_tok))
         cached = cache_capacity(cache_experts, layout)
+        if parallel is not None:  # a rank caches only what it owns
+            cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
         if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
             direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                              buffers=slot_buffers(layout), direct=bool(direct_io), verify=verify)
         if cached:
-            cache = ExpertCache(store, cached)
+            cache = ExpertCache(store, cached, owned=parallel and {l: parallel.owned(l) for l in layout.moe_layers})
         factory = lambda layer: StreamingExperts(store, layer, cache)
+        if parallel is not None:
+            factory = lambda layer: distributed.ExpertParallel(
+                StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel)
     else:
         for layer in layout.moe_layers:
             weights.update(read_packed_experts(path, layout, layer, verify))
@@ -311,14 +326,14 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     loaded = LoadedModel(model, config, path, store)
-    loaded.cache = cache
+    loaded.cache, loaded.parallel = cache, parallel
     return loaded
 
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
          cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-         direct_io: bool | str = "auto", preload: bool = False, verify: str = "off") -> LoadedModel:
+         direct_io: bool | str = "auto", preload: bool = False, verify: str = "off", group="auto") -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -342,6 +357,10 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             "sample" (1 in 16 of each layer's experts) or "full" (every expert). Hashing is slower than
             reading (docs/format.md, "What is checked", has the numbers), hence "off". A mismatch is a
             CheckpointError naming the layer and expert; ``flash-moe verify`` checks a whole folder at once.
+        group: split each layer's experts over the ranks of an ``mx.distributed`` group (expert-parallel,
+            docs/distributed.md): "auto" (the default) uses ``mx.distributed.init()``'s group when the
+            process was started by ``mlx.launch`` with more than one rank; None runs this process alone.
+            Needs a converted folder with streamed experts.
     """
     from .store import VERIFY_MODES
 
@@ -355,8 +374,11 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
                                 cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
-                                verify=verify)
+                                verify=verify, group=group)
     else:
+        if distributed.resolve_group(group) is not None:
+            raise ValueError(f"{path}: an expert-parallel run needs a converted folder (flash-moe convert); "
+                             "pass group=None to run each process alone")
         from .families import is_family
 
         if is_family(config := read_config(path)):

@@ -47,36 +47,69 @@ def _bucket(n: int) -> int:
 
 
 class StreamingExperts(nn.Module):
-    def __init__(self, store, layer: int, cache=None):
+    """The experts of one MoE layer, read from ``store`` (through a device ``cache`` when given).
+
+    ``owned`` (bool [num_experts], expert-parallel runs): only those experts are read and computed; the
+    (token, k) pairs routed to the others contribute zero, so the result is this rank's partial sum.
+    """
+
+    def __init__(self, store, layer: int, cache=None, owned: np.ndarray | None = None):
         super().__init__()
         # Plain attributes (not parameters): the store owns the bytes, the model never saves them.
         self._store, self._layer, self._layout, self._cache = store, layer, store.layout.expert, cache
+        self._owned = None if owned is None or owned.all() else np.asarray(owned, bool)
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         if self._cache is not None and self._cache.speculating:  # a speculative token: no sync
             return expert_compute(x, self._cache.arrays, self._cache.positions(self._layer, inds), scores, self._layout)
         ids = np.array(inds)  # host sync: we must know what to read
-        uniq, local = np.unique(ids, return_inverse=True)
-        local = local.reshape(ids.shape).astype(np.int32)
-        if self._cache is not None and len(uniq) <= self._cache.capacity:
-            arrays, pos = self._cache.fetch(self._layer, uniq)  # device tier: hits cost no read, no copy
-            y = expert_compute(x, arrays, mx.array(pos[local]), scores, self._layout)
-            self._cache.consumed_by(y)
-            return y
+        keep = None
+        if self._owned is not None:
+            keep = self._owned[ids]  # [N, K]: the pairs this rank computes
+            if not keep.any():
+                return mx.zeros(x.shape, x.dtype)
+            if keep.all():
+                keep = None
+            elif len(ids) == 1:  # one token (decode): its owned pairs are a shorter top-k
+                own = np.nonzero(keep[0])[0]
+                ids, scores, keep = ids[:, own], scores[:, mx.array(own)], None
+            elif self._cache is not None:
+                # The device cache computes on [N, K] indices: the unowned pairs run on an owned expert with
+                # score zero (exact: the sum adds +0.0).
+                ids = np.where(keep, ids, ids[keep][0])
+                scores = scores * mx.array(keep).astype(scores.dtype)
+                keep = None
+        uniq, local = np.unique(ids if keep is None else ids[keep], return_inverse=True)
+        if keep is None:
+            local = local.reshape(ids.shape).astype(np.int32)
+            if self._cache is not None and len(uniq) <= self._cache.capacity:
+                arrays, pos = self._cache.fetch(self._layer, uniq)  # device tier: hits cost no read, no copy
+                y = expert_compute(x, arrays, mx.array(pos[local]), scores, self._layout)
+                self._cache.consumed_by(y)
+                return y
+            if len(uniq) <= self._store.capacity:
+                slots = self._store.fetch(self._layer, uniq)
+                y = expert_compute(x, slots.arrays, mx.array(local), scores, self._layout)
+                slots.consumed_by(y)
+                return y
+        else:
+            full = np.full(ids.shape, -1, np.int32)
+            full[keep] = local
+            local = full
+        return self._pairs(x, uniq, local, scores)
+
+    def _pairs(self, x, uniq, local, scores):
+        """Only the (token, k) pairs with ``local >= 0``, their experts ``uniq[local]`` read a slot set at a time.
+
+        For more distinct experts than slots (a long prompt chunk), and for a rank's share of a chunk: every
+        expert is read once per chunk, and only its own pairs are computed. The sum runs in float32, as the
+        one-group sum over k does: in bfloat16 it is then bit-identical."""
         cap = self._store.capacity
-        if len(uniq) <= cap:
-            slots = self._store.fetch(self._layer, uniq)
-            y = expert_compute(x, slots.arrays, mx.array(local), scores, self._layout)
-            slots.consumed_by(y)
-            return y
-        # More distinct experts than slots (a long prompt chunk): read them a slot set at a time and
-        # compute only the (token, k) pairs routed to each group, so every expert is read once per chunk.
-        # The sum runs in float32, as the one-group sum over k does: in bfloat16 it is then bit-identical.
         y = mx.zeros(x.shape, mx.float32)
         scores_flat = scores.reshape(-1)
         for first in range(0, len(uniq), cap):
             sel = np.nonzero((local >= first) & (local < first + cap))
-            rows, flat, slot = sel[0], np.ravel_multi_index(sel, ids.shape), local[sel] - first
+            rows, flat, slot = sel[0], np.ravel_multi_index(sel, local.shape), local[sel] - first
             # Pad the pair count to a power of two with zero-score pairs: on backends that compile kernels per
             # shape (MLX's CUDA JIT), every new count would otherwise compile anew (15 vs 136 tok/s prefill).
             pad = _bucket(len(rows)) - len(rows)

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import mlx.core as mx
 
-PHASES = ("attention", "gdn", "routing", "expert_io", "expert_compute", "shared_expert", "sampling", "other")
+PHASES = ("attention", "gdn", "routing", "expert_io", "expert_compute", "comm", "shared_expert", "sampling", "other")
 
 
 class _Timed:
@@ -35,6 +35,9 @@ class _Timed:
             t.add(self.layer, "routing", t.routed_at - t.moe_start)
             t.add(self.layer, "expert_io", io)
             t.add(self.layer, "expert_compute", end - t.routed_at - io)
+            t.experts_end = end
+        elif self.phase == "comm":  # expert-parallel: the all_sum, and the wait for the slowest rank
+            t.add(self.layer, "comm", end - t.experts_end)
             t.experts_end = end
         elif self.phase == "moe":
             t.add(self.layer, "shared_expert", end - t.experts_end)
@@ -78,7 +81,12 @@ class PhaseTimer:
             if hasattr(getattr(owner, "experts", None), "experts"):
                 owner = owner.experts
             if hasattr(owner, "experts"):
-                self._patch(owner, "experts", _TimedExperts(self, owner.experts, "experts", i))
+                experts = owner.experts
+                if hasattr(experts, "local"):  # distributed.ExpertParallel: this rank's experts, then the all_sum
+                    self._patch(experts, "local", _TimedExperts(self, experts.local, "experts", i))
+                    self._patch(owner, "experts", _Timed(self, experts, "comm", i))
+                else:
+                    self._patch(owner, "experts", _TimedExperts(self, experts, "experts", i))
                 self._patch(layer, block, _Timed(self, moe, "moe", i))
         return self
 
@@ -134,7 +142,8 @@ class PhaseTimer:
         s = self.summary()
         if not s["tokens"]:  # every rate below would be 0/0
             return "timing: no tokens were generated, nothing to show"
-        cols = PHASES
+        parallel = getattr(self.model, "parallel", None) is not None
+        cols = [c for c in PHASES if c != "comm" or parallel]  # comm: expert-parallel runs only
         lines = [f"{'ms/token':<18}" + "".join(f"{c:>15}" for c in cols) + f"{'total':>10}"]
         for name, row in sorted(s["rows"].items()):
             lines.append(f"{name:<18}" + "".join(f"{row.get(c, 0.0):>15.3f}" for c in cols) + f"{sum(row.values()):>10.3f}")

@@ -1,0 +1,173 @@
+"""Expert-parallel decode on one machine: N ranks over MLX's ring backend (localhost), same model, N = 1, 2, ...
+
+    python benchmarks/distributed.py --make /data/syn --layers 4 --experts 128 --vocab 32768   # once
+    python benchmarks/distributed.py --model /data/syn --ranks 1 2 --k 10 --tokens 16 [--cold] [--cap 8G]
+
+For each N the ranks are started as ``mlx.launch --backend ring`` starts them (``MLX_RANK`` and a ring
+hostfile on free localhost ports; N = 1 is one plain process). Each rank decodes the same prompt twice:
+once clean (tok/s, expert bytes read per token by this rank, page-cache hits; cold with ``--cold``, which
+evicts the layer files first), once under ``PhaseTimer`` (ms per token by phase, ``comm`` being the
+all_sum of each MoE layer plus the wait for the slowest rank). Then it times a bare ``all_sum`` of one
+hidden-size vector in the model's dtype, the collective each MoE layer adds per token. ``--cap`` puts each
+rank in its own cgroup-v2 memory limit (Linux, root), which counts the page cache: N ranks then hold N
+times the experts in their caches, as N machines would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def make(folder: Path, layers: int, experts: int, vocab: int, dtype: str, seed: int) -> None:
+    from flash_moe.synthetic import QWEN35_SKEW, qwen35_397b_config, synthetic_bytes, write_synthetic
+
+    config = dict(qwen35_397b_config(layers, vocab), num_experts=experts)
+    size = synthetic_bytes(config, dtype=dtype)
+    print(f"writing {layers} layers of {experts} experts (397B shapes, {dtype}): {size / 1e9:.2f} GB", flush=True)
+    write_synthetic(folder, config, skew=QWEN35_SKEW, seed=seed, dtype=dtype)
+
+
+def worker(args) -> None:
+    """One rank: both decodes and the all_sum timing; writes its JSON to args.out."""
+    import mlx.core as mx
+    import numpy as np
+
+    from flash_moe import load
+    from flash_moe.generation import generate_step
+    from flash_moe.timing import PhaseTimer
+
+    if args.cap:
+        from benchmarks.decode import enter_memory_cap
+
+        enter_memory_cap(args.cap, f"flash_moe_rank{os.environ.get('MLX_RANK', 0)}")
+    model = load(args.model, experts_per_token=args.k)
+    p = model.parallel
+    rank, size = (p.rank, p.size) if p else (0, 1)
+    prompt = mx.array(np.random.default_rng(args.seed).integers(0, model.config.vocab_size, args.prompt), mx.int32)
+    moe_layers = len(model.store.layout.moe_layers)
+    out = {"rank": rank, "ranks": size, "k": args.k, "moe_layers": moe_layers,
+           "owned": int(p.owned(model.store.layout.moe_layers[0]).sum()) if p else model.config.num_experts}
+
+    def decode(timer=None):
+        steps = generate_step(prompt, model, max_tokens=args.tokens + 1, timer=timer)
+        next(steps)  # prefill and the first token
+        before, start = model.stats.snapshot(), time.perf_counter()
+        n = sum(1 for _ in steps)
+        seconds = time.perf_counter() - start
+        io = model.stats.snapshot().delta(before).totals()
+        return {"tok_s": n / seconds, "mb_per_token": io["bytes"] / n / 1e6, "hit_rate": io["hit_rate"],
+                "read_gb_s": io["gb_per_s"]}
+
+    out["clean"] = decode()
+    timer = PhaseTimer(model).install()
+    decode(timer)
+    timer.uninstall()
+    s = timer.summary()
+    out["phases_ms"] = {k: round(v, 3) for k, v in s["total"].items()}
+    out["comm_ms_per_layer"] = s["total"].get("comm", 0.0) / moe_layers
+    if p:
+        x = mx.ones((model.config.hidden_size,), model.model.layers[0].mlp.gate.weight.dtype)
+        for _ in range(5):
+            mx.eval(mx.distributed.all_sum(x, group=p.group))
+        start = time.perf_counter()
+        for _ in range(args.reps):
+            mx.eval(mx.distributed.all_sum(x, group=p.group))
+        out["all_sum_ms"] = 1e3 * (time.perf_counter() - start) / args.reps
+    Path(args.out.replace("{rank}", str(rank))).write_text(json.dumps(out))
+    model.close()
+
+
+def run(args, n: int, tmp: Path) -> list[dict]:
+    from benchmarks.decode import drop_page_cache
+    from flash_moe.layout import ModelLayout
+
+    layout = ModelLayout.read(args.model)
+    if args.cold:
+        print(f"  page cache: {drop_page_cache([args.model / layout.layer_file(l) for l in layout.moe_layers])}")
+    hostfile = tmp / f"hosts{n}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(n)]))
+    out = str(tmp / f"n{n}_rank{{rank}}.json")
+    argv = [sys.executable, __file__, "--worker", "--model", str(args.model), "--k", str(args.k), "--tokens",
+            str(args.tokens), "--prompt", str(args.prompt), "--seed", str(args.seed), "--reps", str(args.reps),
+            "--out", out] + (["--cap", args.cap] if args.cap else [])
+    procs = []
+    for rank in range(n):
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        if n > 1:
+            env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+        procs.append(subprocess.Popen(argv, env=env))
+    codes = [p.wait(timeout=args.timeout) for p in procs]
+    if any(codes):
+        sys.exit(f"{n} ranks: exit codes {codes}")
+    return [json.loads(Path(out.format(rank=r)).read_text()) for r in range(n)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="converted folder (e.g. written by --make)")
+    p.add_argument("--make", type=Path, help="write a synthetic 397B-shaped model here first (then benchmark it)")
+    p.add_argument("--layers", type=int, default=4, help="--make: decoder layers")
+    p.add_argument("--experts", type=int, default=128, help="--make: experts per layer (512 in the real model)")
+    p.add_argument("--vocab", type=int, default=32768, help="--make: vocabulary size")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="--make: weights and scales (MLX's CPU quantized matmul is ~14x slower in bfloat16)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to run (default 1 2)")
+    p.add_argument("--k", type=int, default=10, help="experts per token (default 10)")
+    p.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (default 16)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--reps", type=int, default=50, help="bare all_sum repetitions (default 50)")
+    p.add_argument("--cold", action="store_true", help="evict the layer files from the page cache before each N")
+    p.add_argument("--cap", default=None, help="memory limit per rank, page cache included (cgroup v2, root)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600, help="seconds per N before giving up")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.make:
+        make(args.make, args.layers, args.experts, args.vocab, args.dtype, args.seed)
+        args.model = args.model or args.make
+    if not args.model:
+        p.error("--model (or --make) is required")
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.ranks:
+            print(f"{n} rank(s) ...", flush=True)
+            rows += run(args, n, Path(tmp))
+    print(f"\nK={args.k}, {args.tokens} decoded tokens after a {args.prompt}-token prompt"
+          f"{', cold page cache' if args.cold else ''}{f', cap {args.cap} per rank' if args.cap else ''}")
+    head = f"{'ranks':>5} {'rank':>4} {'owned':>5} {'tok/s':>7} {'MB/token':>9} {'hit':>5} {'read GB/s':>9} " \
+           f"{'ms/token':>9} {'comm ms':>8} {'comm/layer':>10} {'all_sum ms':>10}"
+    print(head)
+    for r in rows:
+        c, ph = r["clean"], r["phases_ms"]
+        print(f"{r['ranks']:>5} {r['rank']:>4} {r['owned']:>5} {c['tok_s']:>7.2f} {c['mb_per_token']:>9.1f} "
+              f"{c['hit_rate']:>5.2f} {c['read_gb_s']:>9.2f} {sum(ph.values()):>9.1f} {ph.get('comm', 0):>8.2f} "
+              f"{r['comm_ms_per_layer']:>10.3f} {r.get('all_sum_ms', float('nan')):>10.3f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
