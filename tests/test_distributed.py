@@ -361,8 +361,7 @@ def test_prompt_cache_turns_match_single_process(models, tmp_path, seed):
 
 def mlx_launch(n: int, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("mlx.launch")
-    if not launcher.exists():
-        pytest.skip("mlx.launch is not installed beside this python")
+    assert launcher.exists(), f"{launcher}: missing (mlx installs mlx.launch beside its python)"
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
     env.pop("FLASH_MOE_DEBUG", None)
     return subprocess.run([str(launcher), "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(1)[0]),
