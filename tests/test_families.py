@@ -639,3 +639,19 @@ def test_verify_reaches_the_store(family, tmp_path):
         model.close()
     with pytest.raises(CheckpointError, match=f"layer {layer}"):
         flash_moe.load(folder, stream=False, verify="full")
+
+
+class _TwoRanks:
+    """A stand-in for an mx.distributed group of two ranks: the refusal comes before any collective."""
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return 0
+
+
+def test_expert_parallel_refused_for_families(family):
+    """Expert-parallel runs split flash_moe's own MoE block; a family model in a group says so in one line."""
+    with pytest.raises(ValueError, match=r"expert-parallel runs support Qwen3\.5-MoE and Qwen3-Next only.*group=None"):
+        flash_moe.load(family.dst16, group=_TwoRanks())
