@@ -10,8 +10,14 @@ the rest is held out for validation), train a byte-level BPE like Qwen's on it, 
 examples made from the stdlib's own functions (so chat prompts answer with code), train a tiny
 `qwen3_5_moe_text` model (torch, CPU) and save it with save_pretrained in bfloat16.
 
-Rebuild (about 15 minutes on one core of a shared 2-core machine; torch trains on the CPU):
-    .venv/bin/python examples/train_demo_model.py --out flash_moe/demo
+Tool calls: `--tool-dialogues N` mixes N synthetic dialogues (examples/tool_dialogues.py: a request, one
+tool call, the tool's result, a short answer), rendered by the demo's own chat template, into the stream.
+`--init FOLDER` starts from a saved demo's weights and tokenizer instead of from scratch. The shipped demo
+is the stdlib model (first command); the second fine-tunes it on the mix (tokenizer and config unchanged):
+    .venv/bin/python examples/train_demo_model.py --out flash_moe/demo                # stdlib, ~15 min
+    .venv/bin/python examples/train_demo_model.py --init flash_moe/demo --out /tmp/demo-tools \
+        --tool-dialogues 2000 --steps 420 --batch 4 --seq-len 1024 --warmup 10 --lr 1e-3  # + tool calls, ~10 min
+(Not shipped yet: that fine-tune learns the call format, not yet which tool a request asks for.)
 The result depends on the Python version whose stdlib is read (the shipped assets read CPython
 3.11.7's; pass --stdlib to read another copy).
 """
@@ -23,6 +29,7 @@ import ast
 import json
 import math
 import random
+import shutil
 import sys
 import sysconfig
 import time
@@ -31,6 +38,9 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tool_dialogues  # noqa: E402  (next to this script)
 
 # Qwen keeps <|...|> tokens "special" (dropped by skip_special_tokens) but leaves the
 # think/tool tags visible, because parsers read them from the decoded text.
@@ -266,12 +276,24 @@ def chat_examples(root: Path, paths: list[Path], texts: list[str], tokenizer, ma
     return examples
 
 
-def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
-    """All documents as one id stream, each followed by <|endoftext|>."""
+def split_thinking(text: str) -> tuple[str, ...]:
+    """The text cut after each "<think>\n": a chat with thinking on ends its prompt there, so the model must
+    learn to go on from a lone "\n" token, where the whole rendered text would merge it into "\n\n"."""
+    pieces = text.split("<think>\n")
+    return tuple(p + "<think>\n" for p in pieces[:-1]) + (pieces[-1],)
+
+
+def token_stream(tokenizer, documents: list[str], starts: list | None = None) -> torch.Tensor:
+    """All documents as one id stream, each followed by <|endoftext|>; ``starts`` collects their offsets."""
     eod = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(documents, add_special_tokens=False):
-        ids.extend(enc.ids)
+    for doc in documents:
+        if starts is not None:
+            starts.append(len(ids))
+        # A document given as pieces is encoded piece by piece (see split_thinking).
+        for enc in tokenizer.backend_tokenizer.encode_batch([doc] if isinstance(doc, str) else list(doc),
+                                                            add_special_tokens=False):
+            ids.extend(enc.ids)
         ids.append(eod)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -359,7 +381,10 @@ def greedy_samples(model, tokenizer, max_new_tokens: int = 60) -> dict[str, str]
     return samples
 
 
-def train(model, stream, val_windows, args) -> list[tuple[int, float, float]]:
+def train(model, stream, val_windows, args, dialogue_starts=()) -> list[tuple[int, float, float]]:
+    """Random windows of the stream; with dialogues, a share --dialogue-rows of each batch's rows starts at a
+    dialogue's first token instead: a chat starts with the long tools system prompt, so the model must see
+    whole dialogues from their start, as inference does, not only their middles."""
     gen = torch.Generator().manual_seed(args.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -374,6 +399,10 @@ def train(model, stream, val_windows, args) -> list[tuple[int, float, float]]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         starts = torch.randint(0, len(stream) - args.seq_len - 1, (args.batch,), generator=gen)
+        if len(dialogue_starts):
+            aligned = int(args.batch * args.dialogue_rows)
+            pick = torch.randint(0, len(dialogue_starts), (aligned,), generator=gen)
+            starts[:aligned] = dialogue_starts[pick].clamp(max=len(stream) - args.seq_len - 1)
         batch = torch.stack([stream[s : s + args.seq_len] for s in starts])
         out = model(input_ids=batch, labels=batch, output_router_logits=args.aux_coef > 0)
         loss = out.loss  # HF adds router_aux_loss_coef * aux_loss when router logits are on
@@ -390,7 +419,8 @@ def train(model, stream, val_windows, args) -> list[tuple[int, float, float]]:
     return history
 
 
-def save_assets(model, tokenizer, out: Path) -> None:
+def save_assets(model, tokenizer, out: Path, init: Path | None = None) -> None:
+    """The model in bfloat16 and the tokenizer; a fine-tune from ``init`` ships init's tokenizer files as they are."""
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(torch.bfloat16)
     # The GDN decay A_log stays float32 (mlx-lm's cast_predicate keeps it so too), which also
@@ -406,7 +436,11 @@ def save_assets(model, tokenizer, out: Path) -> None:
     model.generation_config.top_p = 0.95
     model.generation_config.top_k = 20
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if init is None:
+        tokenizer.save_pretrained(out)
+    elif init.resolve() != out.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(init / name, out / name)
 
 
 def main():
@@ -426,6 +460,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--init", type=Path, help="start from this saved demo's weights and tokenizer")
+    parser.add_argument("--tool-dialogues", type=int, default=0,
+                        help="synthetic tool-call dialogues mixed into the stream (seed --seed)")
+    parser.add_argument("--dialogue-rows", type=float, default=0.5,
+                        help="share of each batch's rows that start at a dialogue's beginning")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -436,24 +475,48 @@ def main():
     print(f"Python {sys.version.split()[0]}: {len(train_paths)} train files "
           f"({sum(map(len, train_texts)) / 1e6:.2f} M chars), {len(held_out_paths)} held out")
 
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    if args.init:
+        init_log = json.loads((args.init / "training_log.json").read_text())
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init)  # tokenizer.json as it is
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab_size)
     chats = chat_examples(args.stdlib, train_paths, train_texts, tokenizer, sum(map(len, train_texts)) // 5, args.seed)
-    documents = train_texts + chats
+    # Rendered by flash_moe's own Tokenizer (the template inference uses), from the same folder's files.
+    tools = []
+    if args.tool_dialogues:
+        from flash_moe.tokenizer import Tokenizer as ChatTokenizer
+
+        folder = args.init or args.out
+        if not args.init:
+            tokenizer.save_pretrained(folder)  # the template as it will ship
+        tools = tool_dialogues.render(tool_dialogues.dialogues(args.tool_dialogues, args.seed),
+                                      ChatTokenizer.from_folder(folder))
+        # Half tokenized as a prompt with thinking off ends (<think>, \n\n, </think>), half as one with it on.
+        tools = [split_thinking(t) if i % 2 else t for i, t in enumerate(tools)]
+    documents = train_texts + chats + tools
     random.Random(args.seed).shuffle(documents)
-    stream = token_stream(tokenizer, documents)
+    offsets = []
+    stream = token_stream(tokenizer, documents, offsets)
+    is_tool = set(tools)
+    dialogue_starts = torch.tensor([o for o, d in zip(offsets, documents) if d in is_tool], dtype=torch.long)
     val_stream = token_stream(tokenizer, held_out_texts[:40])
     val_windows = val_stream[: (len(val_stream) // (args.seq_len + 1)) * (args.seq_len + 1)]
     val_windows = val_windows.view(-1, args.seq_len + 1)[:16]
     print(f"tokenizer {len(tokenizer)} ids in {time.time() - t0:.0f}s; {len(chats)} chat examples; "
-          f"{len(stream) / 1e6:.2f} M train tokens ({sum(map(len, documents)) / len(stream):.2f} chars/token)")
+          f"{len(tools)} tool dialogues; {len(stream) / 1e6:.2f} M train tokens")
 
     config = demo_config(tokenizer)
     config.router_aux_loss_coef = args.aux_coef
-    model = Qwen3_5MoeForCausalLM(config).float()
+    if args.init:
+        model = Qwen3_5MoeForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        config = model.config
+        config.router_aux_loss_coef = args.aux_coef
+    else:
+        model = Qwen3_5MoeForCausalLM(config).float()
     # The default grouped_mm experts path is ~10x slower than the per-expert loop on CPU.
     model.set_experts_implementation("eager")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    history = train(model, stream, val_windows, args)
+    history = train(model, stream, val_windows, args, dialogue_starts)
 
     model.eval()
     usage = expert_usage(model, val_windows[:, :-1])
@@ -463,7 +526,7 @@ def main():
         print(f"--- greedy from {prompt!r}:\n{text}")
 
     config.router_aux_loss_coef = 0.001  # Qwen3.5's value for whoever fine-tunes the demo further
-    save_assets(model, tokenizer, args.out)
+    save_assets(model, tokenizer, args.out, args.init)
     (args.out / "training_log.json").write_text(json.dumps({
         "python": sys.version.split()[0],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
@@ -473,6 +536,8 @@ def main():
         "top20_share_per_layer": top_share(usage).tolist(),
         "expert_usage": usage.tolist(),
         "greedy_samples": samples,
+        "tool_dialogues": len(tools),
+        "init_training": init_log if args.init else None,
         "wall_s": round(time.time() - t0),
     }, indent=1))
     print(f"saved to {args.out} in {time.time() - t0:.0f}s total")
