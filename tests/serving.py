@@ -9,8 +9,10 @@ import socket
 import threading
 import time
 
+import pytest
 import uvicorn
 
+from flash_moe import load
 from flash_moe.server.app import create_app
 
 
@@ -110,3 +112,12 @@ def scripted(model, *replies, gate=None, delay: float = 0.0, **options):
     script = Script(model.tokenizer, replies, gate=gate, delay=delay)
     with LiveServer(make_state(model, engine=script, **options)) as server:
         yield server, script
+
+
+@pytest.fixture(scope="module")
+def model(demo_folder):
+    """The demo model in float32, its tokenizer loaded: what every server test serves (import it by name)."""
+    m = load(demo_folder, dtype="float32")
+    m.tokenizer
+    yield m
+    m.close()

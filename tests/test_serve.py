@@ -19,9 +19,8 @@ anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
 
 from conftest import seed_note
-from flash_moe import load
 from flash_moe.server import check_binding, make_state, parse_bytes
-from serving import FAIL, LiveServer, endless, scripted
+from serving import FAIL, LiveServer, endless, model, scripted  # noqa: F401  (model: the shared fixture)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast for a city",
@@ -29,14 +28,6 @@ TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
 NO_THINK = {"enable_thinking": False}
-
-
-@pytest.fixture(scope="module")
-def model(demo_folder):
-    m = load(demo_folder, dtype="float32")
-    m.tokenizer
-    yield m
-    m.close()
 
 
 @pytest.fixture(scope="module")

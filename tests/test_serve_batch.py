@@ -21,15 +21,7 @@ from conftest import seed_note
 from flash_moe import load
 from flash_moe.batch import Batch, batch_generate
 from flash_moe.server import make_state
-from serving import LiveServer
-
-
-@pytest.fixture(scope="module")
-def model(demo_folder):
-    m = load(demo_folder, dtype="float32")
-    m.tokenizer
-    yield m
-    m.close()
+from serving import LiveServer, model  # noqa: F401  (model: the shared fixture)
 
 
 def random_prompts(rng, n, vocab=4087):

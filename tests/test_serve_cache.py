@@ -13,21 +13,12 @@ openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
 from conftest import seed_note
-from flash_moe import load
 from flash_moe.batch import Batch
 from flash_moe.server import make_state
 from flash_moe.server.cache_pool import PromptCachePool
-from serving import LiveServer
+from serving import LiveServer, model  # noqa: F401  (model: the shared fixture)
 
 USERS = ["def main", "class Foo", "import os", "for i in", "return x"]
-
-
-@pytest.fixture(scope="module")
-def model(demo_folder):
-    m = load(demo_folder, dtype="float32")
-    m.tokenizer
-    yield m
-    m.close()
 
 
 @pytest.fixture(scope="module")
