@@ -34,6 +34,8 @@ enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 void threadgroup_barrier(mem_flags);
 float fma(float, float, float);
 float exp(float);
+float log(float);
+float rsqrt(float);
 float simd_sum(float);
 template <typename T, typename U>
 T as_type(U);

@@ -257,6 +257,12 @@ SOURCE_CASES = {
         {"out": mx.float16},
         dict(BITS=2, GROUP_SIZE=32, IN_DIM=8192, OUT_DIM=100, ROWS=4, WARPS=4, TILE=4096),
     ),
+    "gated_delta_decode": (
+        {n: mx.bfloat16 for n in ("mixed", "conv_state", "conv_w", "z", "a", "b")}
+        | {"A_log": mx.float32, "dt_bias": mx.bfloat16, "norm_w": mx.bfloat16, "state": mx.float32, "eps": mx.float32},
+        {"y": mx.bfloat16, "state_out": mx.float32, "conv_out": mx.bfloat16},
+        dict(HK=16, HV=64, DK=128, DV=128, KW=4, WARPS=4),
+    ),
 }
 # CUDA only (pinned host memory): the slot set of flash_moe/cuda_host.py at the 397B layout.
 SLOT_PULL = (

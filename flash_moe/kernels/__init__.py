@@ -129,6 +129,7 @@ def launch(
 
 from .dequant_matvec import dequant_matvec, dequant_matvec_ref  # noqa: E402
 from .expert_ffn import expert_ffn, expert_ffn_ref  # noqa: E402
+from .gated_delta_decode import gated_delta_decode, gated_delta_decode_ref  # noqa: E402
 
 __all__ = [
     "BACKEND",
@@ -137,6 +138,8 @@ __all__ = [
     "dequant_matvec_ref",
     "expert_ffn",
     "expert_ffn_ref",
+    "gated_delta_decode",
+    "gated_delta_decode_ref",
     "kernel_source",
     "launch",
     "matvec_template",

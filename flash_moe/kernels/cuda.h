@@ -12,6 +12,8 @@ typedef unsigned int uint;
 #define BARRIER() __syncthreads()
 #define FMA(a, b, c) fmaf(a, b, c)
 #define EXP(v) expf(v)
+#define LOG(v) logf(v)
+#define RSQRT(v) rsqrtf(v)
 #define AS_FLOAT(u) __uint_as_float(u)
 
 FN float warp_sum(float v) {

@@ -10,6 +10,8 @@
 #define BARRIER() threadgroup_barrier(metal::mem_flags::mem_threadgroup)
 #define FMA(a, b, c) metal::fma(a, b, c)
 #define EXP(v) metal::exp(v)
+#define LOG(v) metal::log(v)
+#define RSQRT(v) metal::rsqrt(v)
 #define AS_FLOAT(u) metal::as_type<float>(u)
 
 inline float warp_sum(float v) {

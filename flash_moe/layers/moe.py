@@ -34,15 +34,27 @@ def add_gated(y: mx.array, gate_logit: mx.array, shared: mx.array) -> mx.array:
     return y + mx.sigmoid(gate_logit) * shared
 
 
-@mx.compile
-def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
-    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
+def _route(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, mx.array]:
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    # the k largest land in the last k places: no negated copy of the probabilities to partition
+    inds = mx.argpartition(probs, kth=probs.shape[-1] - k, axis=-1)[..., probs.shape[-1] - k :]
     scores = mx.take_along_axis(probs, inds, axis=-1)
     if normalize:
         scores = scores / scores.sum(axis=-1, keepdims=True)
     return inds.astype(mx.int32), scores
+
+
+@mx.compile
+def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
+    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
+    return _route(logits, k, normalize)
+
+
+@mx.compile
+def route_in_dtype(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
+    """``route`` with the scores cast to the logits' dtype inside the compiled tail (one launch less)."""
+    inds, scores = _route(logits, k, normalize)
+    return inds, scores.astype(logits.dtype)
 
 
 class SparseMoeBlock(nn.Module):
@@ -59,7 +71,7 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        inds, scores = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K]
-        y = self.experts(x, inds, scores.astype(x.dtype))
+        inds, scores = route_in_dtype(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
+        y = self.experts(x, inds, scores)
         y = add_gated(y, self.shared_expert_gate(x), self.shared_expert(x))
         return y.reshape(shape)
