@@ -24,7 +24,7 @@ GPU_BACKENDS = [
     pytest.param("metal", marks=[pytest.mark.metal, pytest.mark.skipif(not HAS_METAL, reason="no Metal GPU")]),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]),
 ]
-TOL = {mx.float32: 1e-5, mx.bfloat16: 2e-2}
+TOL = {mx.float32: 1e-5, mx.bfloat16: 4e-2}  # bf16: the composed path rounds ~5 times
 # (Hk, Hv, Dk, Dv): a small GQA-like case, equal heads, and Qwen3.5-397B's
 HEADS = [(2, 4, 32, 16), (2, 2, 64, 64), (16, 64, 128, 128)]
 

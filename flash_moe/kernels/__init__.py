@@ -81,6 +81,10 @@ WARPS = 4  # warps of 32 threads per threadgroup
 ROWS = 4  # output rows per warp (halved until it divides the output dimension)
 MAX_TILE = 4096  # values of x staged in shared memory at once (16.5 KB)
 SHARED_BYTES = {"metal": 32 * 1024, "cuda": 48 * 1024}  # static shared-memory limits
+# Expert launch shapes at batch 1 (issue 20, docs/kernels.md): gate/up's input dimension cut over this many
+# threadgroups, and the down kernel's warps in this many expert groups; 1 and 1 is the shape measured before.
+GATE_UP_SPLIT = int(os.environ.get("FLASH_MOE_GATE_UP_SPLIT", "1"))
+DOWN_GROUPS = int(os.environ.get("FLASH_MOE_DOWN_GROUPS", "1"))
 
 
 def matvec_template(what: str, in_dim: int, out_dim: int, bits: int, group_size: int) -> dict[str, int]:
