@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..kernels.gated_delta_decode import gated_delta_decode
+from .stacked import stacked
 
 # mx.fast.gated_delta_update runs the whole sequence in one primitive (no Python loop over tokens);
 # FLASH_MOE_GDN=ops selects the reference recurrence, used by tests to cross-check it.
@@ -138,9 +139,11 @@ class GatedDeltaNet(nn.Module):
             conv_state = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
         if state is None:
             state = mx.zeros((B, self.Hv, self.Dv, self.Dk), mx.float32)
+        # the four input projections as one matmul (their rows stacked)
+        proj = stacked(self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])
+        mixed, z, a, b = (p.reshape(B, -1) for p in proj(x))
         y, cache[1], cache[0] = gated_delta_decode(
-            self.in_proj_qkv(x).reshape(B, -1), self.in_proj_z(x).reshape(B, -1), self.in_proj_a(x).reshape(B, -1),
-            self.in_proj_b(x).reshape(B, -1), conv_state, state, self.conv1d.weight.reshape(self.conv_dim, -1),
+            mixed, z, a, b, conv_state, state, self.conv1d.weight.reshape(self.conv_dim, -1),
             self.A_log, self.dt_bias, self.norm.weight, heads=(self.Hk, self.Hv, self.Dk, self.Dv),
             eps=self.norm.eps, backend=backend)
         cache.offset += 1

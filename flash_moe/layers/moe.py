@@ -12,6 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .stacked import stacked
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -21,7 +23,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = stacked(self, "_gate_up", [self.gate_proj, self.up_proj])(x)  # one matmul
+        return self.down_proj(swiglu(gate, up))
 
 
 @mx.compile
@@ -71,7 +74,9 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        inds, scores = route_in_dtype(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
+        # the router and the shared expert's gate as one matmul (when quantized alike)
+        logits, gate_logit = stacked(self, "_gates", [self.gate, self.shared_expert_gate])(x)
+        inds, scores = route_in_dtype(logits, self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
         y = self.experts(x, inds, scores)
-        y = add_gated(y, self.shared_expert_gate(x), self.shared_expert(x))
+        y = add_gated(y, gate_logit, self.shared_expert(x))
         return y.reshape(shape)
