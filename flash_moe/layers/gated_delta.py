@@ -99,9 +99,9 @@ class GatedDeltaNet(nn.Module):
         B, L, _ = x.shape
         if L == 1 and cache is not None and FUSED_DECODE and kernels.BACKEND != "ops":
             return self.decode(x, cache)
-        qkv = self.in_proj_qkv(x)
-        z = self.in_proj_z(x).reshape(B, L, self.Hv, self.Dv)
-        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        # the four input projections as one matmul (their rows stacked)
+        qkv, z, a, b = stacked(self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])(x)
+        z = z.reshape(B, L, self.Hv, self.Dv)
 
         conv_state = cache[0] if cache is not None else None
         if conv_state is None:
@@ -139,7 +139,6 @@ class GatedDeltaNet(nn.Module):
             conv_state = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
         if state is None:
             state = mx.zeros((B, self.Hv, self.Dv, self.Dk), mx.float32)
-        # the four input projections as one matmul (their rows stacked)
         proj = stacked(self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])
         mixed, z, a, b = (p.reshape(B, -1) for p in proj(x))
         y, cache[1], cache[0] = gated_delta_decode(
