@@ -50,8 +50,8 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     preload_k4_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 $D --k 4 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k10_peer) step $s $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k10_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
-    preload_k4_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${GROUPS:-2} $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
-    preload_k10_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${GROUPS:-5} $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
+    preload_k4_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-2} $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
+    preload_k10_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-5} $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
