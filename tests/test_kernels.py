@@ -305,6 +305,8 @@ SOURCE_CASES = {
         dict(HK=16, HV=64, DK=128, DV=128, KW=4, WARPS=4),
     ),
 }
+SOURCE_CASES["route_topk"] = ({"logits": mx.bfloat16}, {"inds": mx.int32, "scores": mx.bfloat16},
+                              dict(E=512, K=10, NORMALIZE=1, WARPS=4))
 SOURCE_CASES["expert_gate_up@split"] = (SOURCE_CASES["expert_gate_up"][0], {"h": mx.float32},
                                         GATE_UP | dict(BITS=4, SPLIT=4, TILE=1024))
 SOURCE_CASES["expert_down@groups"] = (SOURCE_CASES["expert_down"][0], {"y": mx.bfloat16},

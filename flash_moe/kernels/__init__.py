@@ -134,6 +134,7 @@ def launch(
 from .dequant_matvec import dequant_matvec, dequant_matvec_ref  # noqa: E402
 from .expert_ffn import expert_ffn, expert_ffn_ref  # noqa: E402
 from .gated_delta_decode import gated_delta_decode, gated_delta_decode_ref  # noqa: E402
+from .route_topk import route_topk, route_topk_ref  # noqa: E402
 
 __all__ = [
     "BACKEND",
@@ -148,4 +149,6 @@ __all__ = [
     "launch",
     "matvec_template",
     "resolve_backend",
+    "route_topk",
+    "route_topk_ref",
 ]

@@ -24,6 +24,12 @@ FN float warp_sum(float v) {
   return v;
 }
 
+// Lane i's v from lane i ^ mask (butterfly reductions that carry more than a sum).
+template <typename T>
+FN T shuffle_xor(T v, uint mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+
 FN float to_float(float v) {
   return v;
 }

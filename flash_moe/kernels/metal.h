@@ -18,6 +18,12 @@ inline float warp_sum(float v) {
   return metal::simd_sum(v);
 }
 
+// Lane i's v from lane i ^ mask (butterfly reductions that carry more than a sum).
+template <typename T>
+inline T shuffle_xor(T v, uint mask) {
+  return metal::simd_shuffle_xor(v, ushort(mask));
+}
+
 template <typename T>
 inline float to_float(T v) {
   return static_cast<float>(v);

@@ -9,10 +9,17 @@ of the chosen experts (resident arrays, or bytes streamed from SSD).
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
+from ..kernels.route_topk import route_topk, route_topk_ref
 from .stacked import stacked
+
+# On a GPU the router's tail is one kernel (kernels/route_topk.body); FLASH_MOE_FUSED_ROUTE=0 keeps the MLX ops.
+FUSED_ROUTE = os.environ.get("FLASH_MOE_FUSED_ROUTE", "1") != "0"
 
 
 class MLP(nn.Module):
@@ -37,27 +44,14 @@ def add_gated(y: mx.array, gate_logit: mx.array, shared: mx.array) -> mx.array:
     return y + mx.sigmoid(gate_logit) * shared
 
 
-def _route(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, mx.array]:
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    # the k largest land in the last k places: no negated copy of the probabilities to partition
-    inds = mx.argpartition(probs, kth=probs.shape[-1] - k, axis=-1)[..., probs.shape[-1] - k :]
-    scores = mx.take_along_axis(probs, inds, axis=-1)
-    if normalize:
-        scores = scores / scores.sum(axis=-1, keepdims=True)
-    return inds.astype(mx.int32), scores
-
-
 @mx.compile
 def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
-    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
-    return _route(logits, k, normalize)
+    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k; scores in fp32."""
+    return route_topk_ref(logits.astype(mx.float32), k, normalize)
 
 
-@mx.compile
-def route_in_dtype(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
-    """``route`` with the scores cast to the logits' dtype inside the compiled tail (one launch less)."""
-    inds, scores = _route(logits, k, normalize)
-    return inds, scores.astype(logits.dtype)
+# The same with the scores in the logits' dtype, cast inside the compiled tail (one launch less).
+route_in_dtype = mx.compile(route_topk_ref)
 
 
 class SparseMoeBlock(nn.Module):
@@ -76,7 +70,10 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         # the router and the shared expert's gate as one matmul (when quantized alike)
         logits, gate_logit = stacked(self, "_gates", [self.gate, self.shared_expert_gate])(x)
-        inds, scores = route_in_dtype(logits, self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
+        if FUSED_ROUTE and kernels.BACKEND != "ops":
+            inds, scores = route_topk(logits, self.top_k, self.norm_topk_prob)
+        else:
+            inds, scores = route_in_dtype(logits, self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
         y = self.experts(x, inds, scores)
         y = add_gated(y, gate_logit, self.shared_expert(x))
         return y.reshape(shape)
