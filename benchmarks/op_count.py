@@ -151,15 +151,23 @@ def main():
         h = x.reshape(1, D)
         measure("router (gate + route)", lambda: route(G.mlp.gate(h), G.mlp.top_k, G.mlp.norm_topk_prob))
         measure("MoE block (router, experts, shared)", lambda: G.mlp(x))
-        measure("GatedDeltaNet decoder layer", lambda: G(x, cache[gdn]), cache[gdn])
-        measure("full-attention decoder layer", lambda: F(x, cache[full]), cache[full])
+        from flash_moe import model as model_module
+
+        if model_module.FUSED_ADD_NORM:  # as TextModel runs them on a GPU: the adds ride in the norms
+            measure("GatedDeltaNet decoder layer", lambda: G.residual_step(x, x, cache[gdn]), cache[gdn])
+            measure("full-attention decoder layer", lambda: F.residual_step(x, x, cache[full]), cache[full])
+        else:
+            measure("GatedDeltaNet decoder layer", lambda: G(x, cache[gdn]), cache[gdn])
+            measure("full-attention decoder layer", lambda: F(x, cache[full]), cache[full])
         tok = mx.array([[3]], dtype=mx.int32)
         measure("token (embed, 4 layers, norm, lm_head)", lambda: model.model(tok, cache))
         model.close()
-    from flash_moe.layers import gated_delta
+    from flash_moe import model as model_module
+    from flash_moe.layers import gated_delta, moe
 
     print(f"MLX {mx.__version__}, {mx.default_device()}, counted as {'built (GPU)' if on_gpu else 'CPU graph with GPU stand-ins'}; "
-          f"K={args.k}, fused GDN decode: {getattr(gated_delta, 'FUSED_DECODE', False)}")
+          f"K={args.k}, fused: GDN decode {getattr(gated_delta, 'FUSED_DECODE', False)}, router "
+          f"{getattr(moe, 'FUSED_ROUTE', False)}, add+norm {getattr(model_module, 'FUSED_ADD_NORM', False)}")
     print(f"{'piece':40s} {'launches':>8s} {'views':>6s}  launches by kind")
     for name, r in rows.items():
         kinds = ", ".join(f"{k} {v}" for k, v in r["by_kind"].items())

@@ -305,6 +305,8 @@ SOURCE_CASES = {
         dict(HK=16, HV=64, DK=128, DV=128, KW=4, WARPS=4),
     ),
 }
+SOURCE_CASES["add_rms_norm"] = ({"x": mx.bfloat16, "y": mx.bfloat16, "w": mx.bfloat16, "eps": mx.float32},
+                                {"h": mx.bfloat16, "normed": mx.bfloat16}, dict(D=4096, WARPS=8))
 SOURCE_CASES["route_topk"] = ({"logits": mx.bfloat16}, {"inds": mx.int32, "scores": mx.bfloat16},
                               dict(E=512, K=10, NORMALIZE=1, WARPS=4))
 SOURCE_CASES["expert_gate_up@split"] = (SOURCE_CASES["expert_gate_up"][0], {"h": mx.float32},

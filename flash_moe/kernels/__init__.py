@@ -131,6 +131,7 @@ def launch(
     )
 
 
+from .add_rms_norm import add_rms_norm  # noqa: E402
 from .dequant_matvec import dequant_matvec, dequant_matvec_ref  # noqa: E402
 from .expert_ffn import expert_ffn, expert_ffn_ref  # noqa: E402
 from .gated_delta_decode import gated_delta_decode, gated_delta_decode_ref  # noqa: E402
@@ -138,6 +139,7 @@ from .route_topk import route_topk, route_topk_ref  # noqa: E402
 
 __all__ = [
     "BACKEND",
+    "add_rms_norm",
     "build",
     "dequant_matvec",
     "dequant_matvec_ref",
