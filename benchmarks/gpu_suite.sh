@@ -43,13 +43,13 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     # issue 20: op counts, the fused GDN decode kernel on/off, expert launch shapes old vs new
     tests_ops20) step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short tests/test_gdn_decode.py tests/test_route_topk.py tests/test_kernels.py tests/test_expert_cache.py ;;
     opcount) step $s python3 benchmarks/op_count.py --k 4 --json "$OUT/$s.json" ;;
-    opcount_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 python3 benchmarks/op_count.py --k 4 --json "$OUT/$s.json" ;;
+    opcount_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 python3 benchmarks/op_count.py --k 4 --json "$OUT/$s.json" ;;
     kernels_shapes) step $s python3 benchmarks/kernels.py --shapes ;;
     probe_preload) step $s python3 benchmarks/layer_probe.py --model $M --k 4 --preload ;;
     preload_k4_peer) step $s $D --k 4 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
-    preload_k4_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 $D --k 4 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
+    preload_k4_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 $D --k 4 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k10_peer) step $s $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
-    preload_k10_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
+    preload_k10_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k4_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-2} $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
     preload_k10_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-5} $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
