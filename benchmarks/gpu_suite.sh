@@ -41,7 +41,7 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     cap_cache_k4_direct_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     # issue 20: op counts, the fused GDN decode kernel on/off, expert launch shapes old vs new
-    tests_ops20) step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short tests/test_gdn_decode.py tests/test_route_topk.py tests/test_kernels.py tests/test_expert_cache.py ;;
+    tests_ops20) step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short tests/test_gdn_decode.py tests/test_route_topk.py tests/test_add_rms_norm.py tests/test_fused_decode_model.py tests/test_stacked.py tests/test_kernels.py tests/test_expert_cache.py ;;
     opcount) step $s python3 benchmarks/op_count.py --k 4 --json "$OUT/$s.json" ;;
     opcount_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 python3 benchmarks/op_count.py --k 4 --json "$OUT/$s.json" ;;
     kernels_shapes) step $s python3 benchmarks/kernels.py --shapes ;;
