@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import MAX_TILE, SHARED_BYTES, launch, matvec_template, resolve_backend
+from . import SHARED_BYTES, launch, matvec_template, resolve_backend
 
 MAX_GRID_Y = 65535  # CUDA's limit on blocks along y: (token, k) pairs per launch
 
@@ -136,7 +136,7 @@ def _launches(x, slots, inds, scores, bits, group_size, backend, init_value):
     up = matvec_template("expert_ffn gate/up", d, i, bits, group_size)
     up["K"] = k
     up["SPLIT"] = split
-    up["TILE"] = min(d // split, MAX_TILE)
+    up["TILE"] = min(up["TILE"], d // split)  # a threadgroup stages only its part of x
     block = up["WARPS"] * up["ROWS"]
     h_shape = (n, k, i) if split == 1 else (n, k, split, 2, i)
     (h,) = launch(

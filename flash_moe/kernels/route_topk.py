@@ -11,7 +11,7 @@ import mlx.core as mx
 from . import launch, resolve_backend
 
 WARPS = 4
-MAX_K, MAX_E = 64, 8192  # K rounds of a threadgroup argmax; the logits of one token staged in shared memory
+MAX_K, MAX_E = 64, 4096  # K rounds of a threadgroup argmax; a token's logits in shared memory (Metal: 32 KB)
 
 
 def route_topk_ref(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
