@@ -45,6 +45,9 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+QUANTIZED = {"expert_gate_up", "expert_down", "dequant_matvec"}  # the kernels that use quant.h
+
+
 def _read(name: str) -> str:
     # #line makes compiler errors name the file and line they come from.
     return f'#line 1 "{name}"\n' + (SOURCE_DIR / name).read_text() + "\n"
@@ -54,7 +57,8 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
     """(header, body) of kernel ``name`` in ``backend``'s dialect, as ``build`` compiles them."""
     if backend not in ("metal", "cuda"):
         raise ValueError(f"kernel {name!r}: no kernel source for backend {backend!r}")
-    header = _read(f"{backend}.h") + _read("quant.h")
+    # MLX hashes a custom kernel's source at each evaluation: kernels that dequantize nothing skip quant.h.
+    header = _read(f"{backend}.h") + (_read("quant.h") if name in QUANTIZED else "")
     # The prologue names the thread indices; MLX adds Metal's index attributes to the
     # signature only when their names appear in the body, so it must be part of it.
     body = _read(f"{backend}_prologue.h") + _read(f"{name}.body")
