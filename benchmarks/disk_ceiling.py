@@ -35,14 +35,15 @@ ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses on the logi
 DEPTHS = (1, 4, 16, 32, 64)
 
 
-def read_targets(path: str | Path, block: int | None = None) -> tuple[list[Path], np.ndarray, int]:
+def read_targets(path: str | Path, block: int | None = None, layout: ModelLayout | None = None) -> tuple[list[Path], np.ndarray, int]:
     """(files, [n, 2] array of (file index, byte offset) to read from, block bytes) for a model folder or a file.
 
     A converted model gives every expert of every MoE layer at its real offset; a plain file gives every
-    ``block``-sized, 4 KiB-aligned window (block defaults to 4 MiB there). Blocks are whole 4 KiB pages."""
+    ``block``-sized, 4 KiB-aligned window (block defaults to 4 MiB there). Blocks are whole 4 KiB pages.
+    ``layout`` stands in for the folder's layout.json (layer files of random bytes have no checksums)."""
     path = Path(path)
-    if (path / "layout.json").exists():
-        layout = ModelLayout.read(path)
+    if layout is not None or (path / "layout.json").exists():
+        layout = layout or ModelLayout.read(path)
         e = layout.expert
         block = block or -(-e.expert_bytes // ALIGN) * ALIGN  # the stride (16 KiB steps) leaves room to round up
         files = [path / layout.layer_file(l) for l in layout.moe_layers]
@@ -117,12 +118,12 @@ def read_for(fds: list[int], targets: np.ndarray, block: int, inflight: int, sec
 
 
 def disk_ceiling(path_or_model_dir, *, seconds: float = 2.0, block: int | None = None, inflight=DEPTHS,
-                 direct: bool = True, seed: int = 0) -> dict:
+                 direct: bool = True, seed: int = 0, layout: ModelLayout | None = None) -> dict:
     """The best random-read rate over the queue depths ``inflight`` (an int or a sequence), ``seconds`` each.
 
     Returns ``{gbps, iops, inflight, bytes, reads, seconds, block, direct, note, sweep}``: the best depth's
     numbers (bytes = reads x block, read in ``seconds`` of wall time) and every depth's in ``sweep``."""
-    files, targets, block = read_targets(path_or_model_dir, block)
+    files, targets, block = read_targets(path_or_model_dir, block, layout)
     if block % ALIGN:
         raise ValueError(f"block {block:,} is not a multiple of {ALIGN} bytes (O_DIRECT needs it)")
     depths = [inflight] if isinstance(inflight, int) else list(inflight)
