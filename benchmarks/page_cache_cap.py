@@ -9,18 +9,22 @@ fetches ``warmup`` layer steps (the page cache fills up to the cap), and times `
 is K experts drawn with Qwen3.5's measured popularity skew (top 20% of experts ~42% of picks), layers in
 turn, as decoding asks. Per variant: store GB/s and its ratio to the ceiling, page-cache hits, bytes the
 process read from the device (``/proc/self/io``: readahead shows up here), and the cgroup's reclaim counts.
-The ceiling is measured again at the end, inside the cap; ratios use the better of the two.
+The ceiling is measured again at the end, inside the cap; ratios use the better of the two. CPU seconds
+per GB fetched (user + system of the whole process: the kernel's copy out of the page cache and the
+cgroup's reclaim run on the reading threads) say what a CPU-starved machine pays.
 
-Variants (each a change to one thing, against ``base`` = the store's defaults: buffered, 2 MiB chunks):
-  base, random (POSIX_FADV_RANDOM on the store's descriptors: no readahead), willneed (POSIX_FADV_WILLNEED
-  on the K experts before the fetch), dontneed (POSIX_FADV_DONTNEED on them after: nothing left to reclaim,
-  no hits either), whole (one read per expert), small (512 KiB chunks), threads4, threads32, direct (O_DIRECT).
+Variants (each a change to one thing, against ``base`` = the store's defaults: buffered, 2 MiB chunks,
+16 threads, no readahead): readahead (the kernel's readahead left on, the store's default before issue 19),
+willneed (POSIX_FADV_WILLNEED on the K experts before the fetch), dontneed (POSIX_FADV_DONTNEED on them
+after: nothing left to reclaim, no hits either), whole (one read per expert), small (512 KiB chunks),
+threads4, threads32, direct (O_DIRECT: no page cache at all).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -37,7 +41,7 @@ from benchmarks.store_io import make_files  # noqa: E402
 from flash_moe.layout import ExpertLayout, ModelLayout  # noqa: E402
 from flash_moe.store import ExpertStore  # noqa: E402
 
-VARIANTS = ("base", "random", "willneed", "dontneed", "whole", "small", "threads4", "threads32", "direct")
+VARIANTS = ("base", "readahead", "direct", "whole", "threads4", "threads32", "dontneed", "willneed", "small")
 SKEW = 0.65  # exp(SKEW * z) popularity over normal quantiles z: top 20% of 512 experts get ~42% of picks
 
 
@@ -68,6 +72,11 @@ def reclaim_counts() -> dict:
     return {}
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def evict(fds: list[int]) -> None:
     for fd in fds:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -75,7 +84,7 @@ def evict(fds: list[int]) -> None:
 
 def run_variant(name: str, folder: Path, layout: ModelLayout, steps: list, warmup: int, threads: int, fds: list[int]) -> dict:
     e = layout.expert
-    opts = {"threads": threads, "read_chunk": 2 << 20}
+    opts = {"threads": threads, "read_chunk": 2 << 20, "readahead": name == "readahead"}
     if name == "whole":
         opts["read_chunk"] = -(-e.expert_bytes // 4096) * 4096
     elif name == "small":
@@ -84,10 +93,6 @@ def run_variant(name: str, folder: Path, layout: ModelLayout, steps: list, warmu
         opts["threads"] = int(name[len("threads"):])
     k = max(len(ids) for _, ids in steps)
     with ExpertStore(folder, layout, capacity=k, direct=name == "direct", **opts) as store:
-        if name == "random":
-            # experiment only: the store's own descriptors (FADV_RANDOM is per open file, not per inode)
-            for fd in store._read_files.fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         by_layer = {l: fds[i] for i, l in enumerate(layout.moe_layers)}
 
         def fetch(layer, ids):
@@ -103,15 +108,16 @@ def run_variant(name: str, folder: Path, layout: ModelLayout, steps: list, warmu
         for layer, ids in steps[:warmup]:
             fetch(layer, ids)
         store.stats.reset()
-        read0, reclaim0, start = proc_read_bytes(), reclaim_counts(), time.perf_counter()
+        read0, reclaim0, cpu0, start = proc_read_bytes(), reclaim_counts(), cpu_seconds(), time.perf_counter()
         for layer, ids in steps[warmup:]:
             fetch(layer, ids)
-        secs = time.perf_counter() - start
+        secs, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         t = store.stats.totals()
         reclaim = {key: v - reclaim0.get(key, 0) for key, v in reclaim_counts().items()}
     device = proc_read_bytes() - read0
     return {"variant": name, "gbps": t["bytes"] / secs / 1e9, "seconds": secs, "bytes": t["bytes"],
-            "hit_rate": t["hit_rate"], "device_bytes": device, "device_per_byte": device / t["bytes"], "reclaim": reclaim}
+            "hit_rate": t["hit_rate"], "device_bytes": device, "device_per_byte": device / t["bytes"], "reclaim": reclaim,
+            "cpu_s_per_gb": cpu / (t["bytes"] / 1e9)}
 
 
 def main(argv=None):
@@ -161,15 +167,17 @@ def main(argv=None):
             r = run_variant(v, folder, layout, steps, args.warmup, args.threads, fds)
             rows.append(r)
             print(f"  {v:<10} {r['gbps']:6.2f} GB/s  hits {r['hit_rate']:4.0%}  device reads {r['device_per_byte']:5.2f} x "
-                  f"the bytes fetched  reclaim {r['reclaim']}", flush=True)
+                  f"the bytes fetched  CPU {r['cpu_s_per_gb']:.2f} s/GB  reclaim {r['reclaim']}", flush=True)
     after = disk_ceiling(folder, seconds=args.ceiling_seconds, layout=layout)
     print("disk ceiling after (inside the cap):", describe(after))
     ceiling = max(before["gbps"], after["gbps"])
-    print(f"median GB/s per variant / ceiling {ceiling:.2f} GB/s:")
+    print(f"per variant, median over rounds, against the ceiling {ceiling:.2f} GB/s:")
     for v in args.variants:
-        g = sorted(r["gbps"] for r in rows if r["variant"] == v)
-        print(f"  {v:<10} {g[len(g) // 2]:6.2f} GB/s = {g[len(g) // 2] / ceiling:.2f} x ceiling  (rounds: "
-              + ", ".join(f"{x:.2f}" for x in g) + ")")
+        mine = [r for r in rows if r["variant"] == v]
+        g = float(np.median([r["gbps"] for r in mine]))
+        dev, cpu = (float(np.median([r[key] for r in mine])) for key in ("device_per_byte", "cpu_s_per_gb"))
+        print(f"  {v:<10} {g:6.2f} GB/s = {g / ceiling:.2f} x ceiling; device reads {dev:.2f} x fetched; CPU {cpu:.2f} s/GB "
+              f"(rounds: " + ", ".join(f"{r['gbps']:.2f}" for r in mine) + ")")
     for fd in fds:
         os.close(fd)
 
