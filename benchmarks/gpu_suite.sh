@@ -40,6 +40,8 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     cap_cache_k4_direct) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --json "$OUT/$s.json" ;;
     cap_cache_k4_direct_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
+    ceiling) step $s python3 benchmarks/disk_ceiling.py $M ;;
+    pcc) step $s python3 benchmarks/page_cache_cap.py --model $M --rounds 3 --variants base readahead direct whole threads4 threads32 ;;
     *) echo "unknown step $s" ;;
   esac
 done

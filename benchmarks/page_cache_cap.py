@@ -1,8 +1,10 @@
 """The page-cache read path under a memory cap: ExpertStore.fetch against the disk ceiling, per read setting.
 
-    python benchmarks/page_cache_cap.py --dir /tmp/pcc --layers 2 [--cap-fraction 0.16] [--variants base random ...]
+    python benchmarks/page_cache_cap.py --dir /tmp/pcc --layers 2 [--cap-fraction 0.16] [--variants base direct ...]
+    python benchmarks/page_cache_cap.py --model /root/syn397      # a converted model's own expert files
 
-Makes (or reuses) packed layer files of random bytes at Qwen3.5-397B's expert shape, measures the disk
+Makes (or reuses) packed layer files of random bytes at Qwen3.5-397B's expert shape (or reads a converted
+model's, ``--model``), measures the disk
 ceiling (``disk_ceiling.py``), enters a cgroup memory limit of ``cap_fraction`` of the expert bytes (page
 cache included; the slot buffers are allocated before, outside it), then per variant: evicts the files,
 fetches ``warmup`` layer steps (the page cache fills up to the cap), and times ``steps`` more. A layer step
@@ -123,6 +125,7 @@ def run_variant(name: str, folder: Path, layout: ModelLayout, steps: list, warmu
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=None, help="folder of the layer files (kept and reused)")
+    p.add_argument("--model", type=Path, default=None, help="read this converted model's expert files instead")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=512)
     p.add_argument("--hidden", type=int, default=4096)
@@ -140,22 +143,27 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
-    layout = ModelLayout(ExpertLayout(args.hidden, args.intermediate, bits=4), args.experts, list(range(args.layers)))
-    folder = args.dir or Path(tempfile.mkdtemp(prefix="flash_moe_pcc_"))
+    if args.model:
+        folder, layout = args.model, ModelLayout.read(args.model)
+    else:
+        layout = ModelLayout(ExpertLayout(args.hidden, args.intermediate, bits=4), args.experts, list(range(args.layers)))
+        folder = args.dir or Path(tempfile.mkdtemp(prefix="flash_moe_pcc_"))
     start = time.perf_counter()
     paths = [folder / layout.layer_file(l) for l in layout.moe_layers]
     how = "reused"
     if not all(f.exists() and f.stat().st_size == layout.layer_bytes() for f in paths):
+        if args.model:
+            sys.exit(f"{args.model}: layer files missing or of the wrong size")
         make_files(folder, layout, rng)
         how = "created"
-    total = args.layers * layout.layer_bytes()
-    print(f"{how} {args.layers} layer files of {args.experts} x {layout.expert.expert_bytes:,} B ({total / 1e9:.2f} GB) "
+    total = len(paths) * layout.layer_bytes()
+    print(f"{how} {len(paths)} layer files of {layout.num_experts} x {layout.expert.expert_bytes:,} B ({total / 1e9:.2f} GB) "
           f"in {folder} ({time.perf_counter() - start:.0f} s); read_ahead_kb of the devices: "
           + ", ".join(f"{d.parent.parent.name}={d.read_text().strip()}" for d in Path("/sys/block").glob("*/queue/read_ahead_kb")
                       if not d.parent.parent.name.startswith(("loop", "ram"))))
-    pop = popularity(args.experts, rng)
-    n = args.warmup + args.steps
-    steps = [(l % args.layers, rng.choice(args.experts, args.k, replace=False, p=pop).tolist()) for l in range(n)]
+    pop = popularity(layout.num_experts, rng)
+    n, layers = args.warmup + args.steps, layout.moe_layers
+    steps = [(layers[i % len(layers)], rng.choice(layout.num_experts, args.k, replace=False, p=pop).tolist()) for i in range(n)]
     before = disk_ceiling(folder, seconds=args.ceiling_seconds, layout=layout)
     print("disk ceiling before:", describe(before))
     fds = [os.open(f, os.O_RDONLY) for f in paths]
