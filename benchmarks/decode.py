@@ -354,9 +354,12 @@ def main():
     ceiling_gbps = max(ceiling["before"]["gbps"], ceiling["after"]["gbps"])
     eb = layout.expert.expert_bytes
     tokens = sum(args.generation_tokens - 1 for _ in trials)
-    io = {key: sum(r["io_generation"][key] for r in trials) / max(tokens, 1) for key in ("hits", "misses", "seconds")}
+    io = {key: sum(r["io_generation"][key] for r in trials) / max(tokens, 1)
+          for key in ("hits", "misses", "seconds", "missed_bytes")}
     gen_s = 1 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
-    missed, hit = io["misses"] * eb, io["hits"] * eb
+    # missed bytes by chunk: an expert with one cached chunk counts as a miss but reads less from the disk
+    missed = io["missed_bytes"]
+    hit = (io["hits"] + io["misses"]) * eb - missed
     bound = io_bound(missed, io["seconds"], gen_s, ceiling_gbps)
     result.update(trials=trials, average=avg, phases=summary, rss_mb=rss, bound={**bound, "hit_mb_per_token": hit / 1e6})
     store_gbps = (io["hits"] + io["misses"]) * eb / max(io["seconds"], 1e-9) / 1e9

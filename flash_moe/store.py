@@ -40,7 +40,7 @@ class ExpertReadError(OSError):
     """A read of one expert failed or came back short; the message names file, layer, expert and offset."""
 
 
-_COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses")
+_COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses", "missed_bytes")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class IOStats:
     seconds: np.ndarray  # [layers] float64, wall time of the fetches
     hits: np.ndarray  # [layers] int64, experts found in the page cache (probe or timing estimate)
     misses: np.ndarray  # [layers] int64
+    missed_bytes: np.ndarray  # [layers] int64, bytes of the chunks not found cached (a partly cached expert's rest)
     usage: np.ndarray  # [layers, experts] int64, how often each expert was fetched
 
     @classmethod
@@ -408,7 +409,8 @@ class ExpertStore:
                     raise r
             per = len(iovecs[0]) if n else 1  # chunks per expert, in job order
             hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
-            self._record(layer, ids, hits, seconds)
+            missed = sum(job[-1] for job, hit in zip(jobs, results) if hit is False)
+            self._record(layer, ids, hits, seconds, missed)
             if self._unchecked is not None:
                 self._check_sums(layer, ids, index)
             arrays = self.buffers.compute_arrays(index, n)
@@ -498,7 +500,7 @@ class ExpertStore:
             return seconds * HIT_BYTES_PER_S < nbytes
         return False if self._probe else None
 
-    def _record(self, layer: int, ids: list[int], hits: list, seconds: float) -> None:
+    def _record(self, layer: int, ids: list[int], hits: list, seconds: float, missed_bytes: int) -> None:
         s, n = self.stats, len(ids)
         s.fetches[layer] += 1
         s.experts[layer] += n
@@ -508,6 +510,7 @@ class ExpertStore:
             got = sum(1 for h in hits if h)
             s.hits[layer] += got
             s.misses[layer] += n - got
+            s.missed_bytes[layer] += missed_bytes
         s.usage[layer, ids] += 1  # ids are distinct, so fancy-index += counts each once
 
     def verify(self, layers=None, progress: bool = False) -> list[tuple[int, int, str, str]]:
