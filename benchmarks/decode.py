@@ -366,7 +366,7 @@ def main():
     result["store_vs_plain"] = {"store_gb_per_s": store_gbps, "plain_per_layer_gb_per_s": layered["gb_per_s"],
                                 "plain_deep_queue_gb_per_s": warm["gb_per_s"], "ceiling_gb_per_s": ceiling_gbps}
     # cold runs compare with the disk ceiling, warm ones with plain pread in decoding's warm pattern
-    plain, what = ((ceiling_gbps, "the disk ceiling (cold)") if args.cold else
+    plain, what = ((ceiling_gbps, "the disk ceiling (cold; the store's rate includes its page-cache hits)") if args.cold else
                    (layered["gb_per_s"], "plain parallel pread of the same files (warm, one layer at a time)"))
     result["store_vs_plain"]["ratio"] = store_gbps / plain
     print(f"ExpertStore while the model runs: {store_gbps:.2f} GB/s = {store_gbps / plain:.2f} x {what}")
