@@ -4,10 +4,10 @@
 
 Prints, in order: the disk's ceiling for random expert reads (``disk_ceiling.py``: O_DIRECT, many reads in
 flight; measured again after the trials, the bound takes the better), a plain parallel-pread test over the
-same expert files in decoding's pattern (cold when the page cache can be dropped, warm otherwise), flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps,
-peak_memory), a per-phase breakdown, bytes read and page-cache hit rate per token, the I/O bound
-(bytes missed per generated token / the disk ceiling + the time not spent reading) and our ratio to it, and with
-``--peer`` mlx-lm decoding a resident model of the same shapes. ``--cap`` runs everything inside a
+same expert files in decoding's pattern (cold when the page cache can be dropped, warm otherwise),
+flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps, peak_memory), a per-phase
+breakdown, bytes read and page-cache hit rate per token, the I/O bound (bytes missed per generated token /
+the disk ceiling + the time not spent reading) and our ratio to it, and with ``--peer`` mlx-lm decoding a resident model of the same shapes. ``--cap`` runs everything inside a
 cgroup-v2 memory limit (Linux, root), which counts the page cache: 48G emulates a 48 GB laptop.
 """
 
@@ -120,8 +120,7 @@ def io_bound(missed_bytes: float, read_seconds: float, token_seconds: float, cei
 
     The ratio stays <= 1 while the store reads no faster than the ceiling (it reads the same disk) and
     its reads sit on the critical path; it can pass 1 when the disk ran faster during the run than during
-    either ceiling pass, when a partly cached expert counts as missed (the probe calls an expert a hit
-    only when every chunk was cached), or when reads overlap compute (prefetching)."""
+    either ceiling pass, or when reads overlap compute (prefetching)."""
     compute = max(token_seconds - read_seconds, 0.0)
     bound = missed_bytes / (ceiling_gbps * 1e9) + compute
     return {"missed_mb_per_token": missed_bytes / 1e6, "read_ms": 1e3 * read_seconds, "compute_ms": 1e3 * compute,
