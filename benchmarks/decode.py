@@ -7,8 +7,9 @@ flight; measured again after the trials, the bound takes the better), a plain pa
 same expert files in decoding's pattern (cold when the page cache can be dropped, warm otherwise),
 flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps, peak_memory), a per-phase
 breakdown, bytes read and page-cache hit rate per token, the I/O bound (bytes missed per generated token /
-the disk ceiling + the time not spent reading) and our ratio to it, and with ``--peer`` mlx-lm decoding a resident model of the same shapes. ``--cap`` runs everything inside a
-cgroup-v2 memory limit (Linux, root), which counts the page cache: 48G emulates a 48 GB laptop.
+the disk ceiling + the time not spent reading) and our ratio to it, and with ``--peer`` mlx-lm decoding a
+resident model of the same shapes. ``--cap`` runs everything inside a cgroup memory limit (Linux, root; v2,
+or v1 as on the CPU box), which counts the page cache: 48G emulates a 48 GB laptop.
 """
 
 from __future__ import annotations
