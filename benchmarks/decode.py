@@ -2,12 +2,14 @@
 
     python benchmarks/decode.py --model DIR [--k 4] [--cold] [--cap 48G] [--peer]
 
-Prints, in order: a raw parallel-pread test over the same expert files (cold when the page cache can be
-dropped, warm otherwise), flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps,
-peak_memory), a per-phase breakdown, bytes read and page-cache hit rate per token, the I/O bound
-(bytes missed per token / measured disk bandwidth + compute time) and our ratio to it, and with
-``--peer`` mlx-lm decoding a resident model of the same shapes. ``--cap`` runs everything inside a
-cgroup-v2 memory limit (Linux, root), which counts the page cache: 48G emulates a 48 GB laptop.
+Prints, in order: the disk's ceiling for random expert reads (``disk_ceiling.py``: O_DIRECT, many reads in
+flight; measured again after the trials, the bound takes the better), a plain parallel-pread test over the
+same expert files in decoding's pattern (cold when the page cache can be dropped, warm otherwise),
+flash_moe decode with mlx_lm.benchmark's keys (prompt_tps, generation_tps, peak_memory), a per-phase
+breakdown, bytes read and page-cache hit rate per token, the I/O bound (bytes missed per generated token /
+the disk ceiling + the time not spent reading) and our ratio to it, and with ``--peer`` mlx-lm decoding a
+resident model of the same shapes. ``--cap`` runs everything inside a cgroup memory limit (Linux, root; v2,
+or v1 as on the CPU box), which counts the page cache: 48G emulates a 48 GB laptop.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flash_moe import load  # noqa: E402
 from flash_moe.generation import generate_step  # noqa: E402
 from flash_moe.layout import ModelLayout  # noqa: E402
-from flash_moe.store import direct_readable  # noqa: E402
 from flash_moe.timing import PhaseTimer  # noqa: E402
+
+from benchmarks.disk_ceiling import describe, disk_ceiling  # noqa: E402
 
 
 def drop_page_cache(files) -> str:
@@ -52,6 +55,20 @@ def drop_page_cache(files) -> str:
 
 
 def enter_memory_cap(limit, name: str = "flash_moe_bench") -> str:
+    """Move this process into a child cgroup whose memory limit (page cache included) is ``limit``.
+    Charges made before the move stay where they were (v1's default, v2's rule)."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    if v1.is_dir():  # cgroup v1 (the CPU box): a child of our own memory cgroup
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.split(":")[1] == "memory")
+        cg = v1 / own.strip("/") / name
+        try:
+            cg.mkdir(exist_ok=True)
+            (cg / "memory.limit_in_bytes").write_text(str(limit))
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+            return f"memory.limit_in_bytes={limit} (cgroup v1, counts the page cache)"
+        except OSError as e:
+            sys.exit(f"--cap needs root and the cgroup v1 memory controller: {e}")
     cg = Path("/sys/fs/cgroup") / name
     try:
         cg.mkdir(exist_ok=True)
@@ -98,24 +115,42 @@ def pread_test(folder: Path, layout: ModelLayout, k: int, tokens: int, threads: 
     return {"gb_per_s": len(steps) * k * e.expert_bytes / secs / 1e9, "seconds": secs, "reads": len(steps) * k}
 
 
+def io_bound(missed_bytes: float, read_seconds: float, token_seconds: float, ceiling_gbps: float) -> dict:
+    """Per generated token: what decoding would cost if every missed byte came at the disk's ceiling and
+    nothing else changed: missed bytes / ceiling + the time not spent reading. ratio = bound / measured.
+
+    The ratio stays <= 1 while the store reads no faster than the ceiling (it reads the same disk) and
+    its reads sit on the critical path; it can pass 1 when the disk ran faster during the run than during
+    either ceiling pass, or when reads overlap compute (prefetching)."""
+    compute = max(token_seconds - read_seconds, 0.0)
+    bound = missed_bytes / (ceiling_gbps * 1e9) + compute
+    return {"missed_mb_per_token": missed_bytes / 1e6, "read_ms": 1e3 * read_seconds, "compute_ms": 1e3 * compute,
+            "bound_ms": 1e3 * bound, "actual_ms": 1e3 * token_seconds, "ceiling_gb_per_s": ceiling_gbps,
+            "ratio": bound / token_seconds if token_seconds else float("nan")}
+
+
 def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, timer=None) -> dict:
     mx.random.seed(seed)
     prompt = mx.random.randint(0, model.config.vocab_size, (prompt_tokens,)).astype(mx.int32)
-    before = model.stats.snapshot() if model.stats is not None else None
+    before = gen_before = model.stats.snapshot() if model.stats is not None else None
     mx.reset_peak_memory()
     start = time.perf_counter()
     first = None
     for i, _ in enumerate(generate_step(prompt, model, max_tokens=generation_tokens, timer=timer)):
         if i == 0:
             first = time.perf_counter()
+            gen_before = model.stats.snapshot() if before is not None else None
     end = time.perf_counter()
     io = model.stats.snapshot().delta(before).totals() if before is not None else {}
+    # reads of the generated tokens after the first: what generation_tps times (prefill reads grouped)
+    io_gen = model.stats.snapshot().delta(gen_before).totals() if before is not None else {}
     return {
         "prompt_tps": prompt_tokens / (first - start),
         "generation_tps": (generation_tokens - 1) / (end - first) if generation_tokens > 1 else 0.0,
         "peak_memory": mx.get_peak_memory() / 1e9,
         "total_time": end - start,
         "io": io,
+        "io_generation": io_gen,
     }
 
 
@@ -238,6 +273,8 @@ def main():
                    help="before the trials, prefill this many random tokens (touches every expert: warms the caches)")
     p.add_argument("--peer", action="store_true", help="also run mlx-lm on a resident model of the same shapes")
     p.add_argument("--json", default=None, help="write all numbers to this file")
+    p.add_argument("--ceiling-seconds", type=float, default=2.0,
+                   help="seconds of reading per queue depth of the disk ceiling (before and after the trials)")
     args = p.parse_args()
 
     folder = Path(args.model)
@@ -248,22 +285,18 @@ def main():
         result["cap"] = enter_memory_cap(args.cap)
         print("memory cap:", result["cap"])
 
+    ceiling = {"before": disk_ceiling(folder, seconds=args.ceiling_seconds)}
+    print("disk ceiling before the run:", describe(ceiling["before"]))
+    result["ceiling"] = ceiling
     cache_state = drop_page_cache(files) if args.cold else "warm (not dropped)"
     disk = pread_test(folder, layout, args.k, 8, args.threads, seed=1)
     warm = pread_test(folder, layout, args.k, 8, args.threads, seed=1)  # the same reads again: page cache
     layered = pread_test(folder, layout, args.k, 8, args.threads, seed=1, per_layer=True)
     result["pread"] = {"first": disk, "repeat": warm, "repeat_per_layer": layered, "cache": cache_state}
-    print(f"raw parallel pread ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
+    print(f"plain parallel pread in decoding's pattern ({args.threads} threads, {layout.expert.expert_bytes / 1e6:.2f} MB experts, "
           f"K={args.k}): first pass {disk['gb_per_s']:.2f} GB/s [{cache_state}], repeat {warm['gb_per_s']:.2f} GB/s, "
           f"repeat one layer at a time {layered['gb_per_s']:.2f} GB/s")
     direct_io = "auto" if args.direct is None else args.direct
-    if args.direct is not False and direct_readable(folder, layout, args.read_chunk_kib << 10):
-        # the disk's bound is the better of the two ways to read it
-        direct = pread_test(folder, layout, args.k, 8, args.threads, seed=2, direct=True)
-        result["pread"]["direct"] = direct
-        print(f"raw parallel pread with O_DIRECT: {direct['gb_per_s']:.2f} GB/s")
-        if direct["gb_per_s"] > disk["gb_per_s"]:
-            disk = direct
 
     if args.resident:
         return resident_run(folder, args, result)
@@ -314,29 +347,33 @@ def main():
     summary = timer.summary()
     print(timer.table())
 
-    # The bound: what decoding would cost if every missed byte came at the raw pread speed measured above
-    # and nothing else changed: (time not spent reading) + missed bytes / disk bandwidth, per token.
+    # The bound, per generated token (the reads after each trial's first token, which is what generation_tps
+    # times), against the disk ceiling measured again now, in the same process: the better of the two passes.
+    ceiling["after"] = disk_ceiling(folder, seconds=args.ceiling_seconds)
+    print("disk ceiling after the run:", describe(ceiling["after"]))
+    ceiling_gbps = max(ceiling["before"]["gbps"], ceiling["after"]["gbps"])
     eb = layout.expert.expert_bytes
-    tokens = sum(args.prompt_tokens + args.generation_tokens for _ in trials)
-    io = {key: sum(r["io"][key] for r in trials) / tokens for key in ("hits", "misses", "seconds")}
-    gen_ms = 1e3 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
-    missed, hit = io["misses"] * eb, io["hits"] * eb
-    compute_ms = max(gen_ms - 1e3 * io["seconds"], 0.0)
-    bound_ms = 1e3 * missed / (disk["gb_per_s"] * 1e9) + compute_ms
-    result.update(trials=trials, average=avg, phases=summary, rss_mb=rss,
-                  bound={"missed_mb_per_token": missed / 1e6, "hit_mb_per_token": hit / 1e6, "read_ms": 1e3 * io["seconds"],
-                         "compute_ms": compute_ms, "bound_ms": bound_ms, "actual_ms": gen_ms, "ratio": bound_ms / gen_ms})
+    tokens = sum(args.generation_tokens - 1 for _ in trials)
+    io = {key: sum(r["io_generation"][key] for r in trials) / max(tokens, 1)
+          for key in ("hits", "misses", "seconds", "missed_bytes")}
+    gen_s = 1 / avg["generation_tps"] if avg["generation_tps"] else float("nan")
+    # missed bytes by chunk: an expert with one cached chunk counts as a miss but reads less from the disk
+    missed = io["missed_bytes"]
+    hit = (io["hits"] + io["misses"]) * eb - missed
+    bound = io_bound(missed, io["seconds"], gen_s, ceiling_gbps)
+    result.update(trials=trials, average=avg, phases=summary, rss_mb=rss, bound={**bound, "hit_mb_per_token": hit / 1e6})
     store_gbps = (io["hits"] + io["misses"]) * eb / max(io["seconds"], 1e-9) / 1e9
     result["store_vs_plain"] = {"store_gb_per_s": store_gbps, "plain_per_layer_gb_per_s": layered["gb_per_s"],
-                                "plain_deep_queue_gb_per_s": warm["gb_per_s"]}
-    plain = disk if args.cold else layered  # cold runs compare with the cold pass, warm ones with the warm pattern
-    result["store_vs_plain"]["ratio"] = store_gbps / plain["gb_per_s"]
-    print(f"ExpertStore while the model runs: {store_gbps:.2f} GB/s = {store_gbps / plain['gb_per_s']:.2f} x plain "
-          f"parallel pread of the same files ({'cold, deep queue' if args.cold else 'warm, one layer at a time'})")
-    print(f"per token (trials): {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit "
-          f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {1e3 * io['seconds']:.1f} ms; "
-          f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
-          f"{gen_ms:.1f} ms measured: ratio {bound_ms / gen_ms:.2f}")
+                                "plain_deep_queue_gb_per_s": warm["gb_per_s"], "ceiling_gb_per_s": ceiling_gbps}
+    # cold runs compare with the disk ceiling, warm ones with plain pread in decoding's warm pattern
+    plain, what = ((ceiling_gbps, "the disk ceiling (cold; the store's rate includes its page-cache hits)") if args.cold else
+                   (layered["gb_per_s"], "plain parallel pread of the same files (warm, one layer at a time)"))
+    result["store_vs_plain"]["ratio"] = store_gbps / plain
+    print(f"ExpertStore while the model runs: {store_gbps:.2f} GB/s = {store_gbps / plain:.2f} x {what}")
+    print(f"per generated token (trials): {missed / 1e6:.1f} MB missed + {hit / 1e6:.1f} MB hit "
+          f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {bound['read_ms']:.1f} ms; "
+          f"I/O bound {bound['bound_ms']:.1f} ms (= missed / {ceiling_gbps:.2f} GB/s disk ceiling + {bound['compute_ms']:.1f} ms "
+          f"not reading) vs {bound['actual_ms']:.1f} ms measured: ratio to the I/O bound {bound['ratio']:.2f}")
 
     finish(folder, args, result, avg, "flash_moe")
 

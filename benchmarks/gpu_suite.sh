@@ -52,6 +52,8 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     preload_k10_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k4_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-2} $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
     preload_k10_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-5} $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
+    ceiling) step $s python3 benchmarks/disk_ceiling.py $M ;;
+    pcc) step $s python3 benchmarks/page_cache_cap.py --model $M --rounds 3 --variants base readahead direct whole threads4 threads32 ;;
     *) echo "unknown step $s" ;;
   esac
 done
