@@ -101,8 +101,10 @@ def main(argv=None):
     p.add_argument("--no-warm", action="store_true", help="skip step 2 (flash_moe warm and mlx-lm)")
     p.add_argument("--no-peer", action="store_true", help="skip mlx-lm in step 2")
     p.add_argument("--cap-fraction", type=float, default=0.16, help="step 3's cap; 0: no drop, no cap; -1: skip step 3")
-    p.add_argument("--cap-cache-experts", default="0",
-                   help="step 3's device cache (decode.py --cache-experts): 0 = the page cache alone, 0.33 = the CUDA default's share")
+    p.add_argument("--cap-cache-experts", default="0.33",
+                   help="step 3's device cache (decode.py --cache-experts; direct reads follow, as by default): 0.33 = "
+                        "the share a whole DeepSeek-V3 / Qwen3-235B gets on one GPU, as the 397B runs' cap_cache_k4; "
+                        "0 = the page cache alone")
     p.add_argument("--cap-prompt-tokens", type=int, default=8, help="step 3's prompt (a long cold prefill reads most experts)")
     p.add_argument("--cap-generation-tokens", type=int, default=16)
     p.add_argument("--cleanup", action="store_true", help="remove both folders at the end (disk for the next family)")
