@@ -15,7 +15,7 @@ experts.SORTED_GATHER). This prints, per config (test_model's own fixtures, TF32
    not accumulate here: the first piece far above ~1e-6 is the one that is wrong.
 3. per layer, the GPU's hidden state vs transformers' (output_hidden_states): where the drift starts.
 4. primitives at each config's shapes, GPU vs CPU: gated_delta_update (fast vs the ops recurrence),
-   scaled_dot_product_attention (prefill with a causal mask, one-token decode), argpartition top-k.
+   scaled_dot_product_attention (prefill with a causal mask, one-token decode), partial RoPE, argpartition top-k.
 """
 
 from __future__ import annotations
@@ -125,6 +125,12 @@ def primitive_checks(cfg: dict, rng: np.random.Generator) -> None:
         q, k, v = a(B, hq, t, d), a(B, hkv, s, d), a(B, hkv, s, d)
         sdpa = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
         print(f"  sdpa Hq={hq} Hkv={hkv} D={d} T={t} S={s} mask={mask}: {rel(on(GPU, sdpa, q, k, v), on(mx.cpu, sdpa, q, k, v)):.1e}")
+    rope = cfg.get("rope_parameters", {})
+    dims, base = int(d * rope.get("partial_rotary_factor", 1.0)), rope.get("rope_theta", 10000.0)
+    x = a(B, hq, T, d)
+    for offset in (0, 13):
+        fn = lambda x: mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset)
+        print(f"  rope dims={dims} of {d} base={base:g} offset={offset}: {rel(on(GPU, fn, x), on(mx.cpu, fn, x)):.1e}")
     e, kk = cfg["num_experts"], cfg["num_experts_per_tok"]
     logits = a(B * T, e)
     top = lambda x: mx.argpartition(-x, kth=kk - 1, axis=-1)[..., :kk]
