@@ -121,16 +121,21 @@ def primitive_checks(cfg: dict, rng: np.random.Generator) -> None:
         print(f"  gated_delta_update Hk={hk} Hv={hv} Dk={dk} Dv={dv} T={t}: y {rel(fast[0], ref[0]):.1e}, "
               f"state {rel(fast[1], ref[1]):.1e}")
     hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    for t, s, mask in ((T, T, "causal"), (1, 13, None)):
-        q, k, v = a(B, hq, t, d), a(B, hkv, s, d), a(B, hkv, s, d)
-        sdpa = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
-        print(f"  sdpa Hq={hq} Hkv={hkv} D={d} T={t} S={s} mask={mask}: {rel(on(GPU, sdpa, q, k, v), on(mx.cpu, sdpa, q, k, v)):.1e}")
-    rope = cfg.get("rope_parameters", {})
-    dims, base = int(d * rope.get("partial_rotary_factor", 1.0)), rope.get("rope_theta", 10000.0)
-    x = a(B, hq, T, d)
-    for offset in (0, 13):
-        fn = lambda x: mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset)
-        print(f"  rope dims={dims} of {d} base={base:g} offset={offset}: {rel(on(GPU, fn, x), on(mx.cpu, fn, x)):.1e}")
+    # as the model lays them out: [B, L, H, D] projections viewed as [B, H, L, D] (strided), and contiguous
+    view = lambda *s: a(s[0], s[2], s[1], s[3]).transpose(0, 2, 1, 3)
+    for layout, make in (("strided", view), ("contiguous", a)):
+        for t, s, mask in ((T, T, "causal"), (1, 13, None)):
+            q, k, v = make(B, hq, t, d), make(B, hkv, s, d), make(B, hkv, s, d)
+            sdpa = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+            print(f"  sdpa {layout} Hq={hq} Hkv={hkv} D={d} T={t} S={s} mask={mask}: "
+                  f"{rel(on(GPU, sdpa, q, k, v), on(mx.cpu, sdpa, q, k, v)):.1e}")
+        rope = cfg.get("rope_parameters", {})
+        dims, base = int(d * rope.get("partial_rotary_factor", 1.0)), rope.get("rope_theta", 10000.0)
+        x = make(B, hq, T, d)
+        for offset in (0, 13):
+            fn = lambda x: mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset)
+            print(f"  rope {layout} dims={dims} of {d} base={base:g} offset={offset}: "
+                  f"{rel(on(GPU, fn, x), on(mx.cpu, fn, x)):.1e}")
     e, kk = cfg["num_experts"], cfg["num_experts_per_tok"]
     logits = a(B * T, e)
     top = lambda x: mx.argpartition(-x, kth=kk - 1, axis=-1)[..., :kk]

@@ -72,7 +72,7 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     cap_cache_k4_direct) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --json "$OUT/$s.json" ;;
     cap_cache_k4_direct_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
-    tests_cuda) T=${T_TESTS:-540} step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short $TESTS_CUDA ${TESTS_MORE:-} ;;
+    tests_cuda) T=${T_TESTS:-540} step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short $TESTS_CUDA ${TESTS_MORE:-} ${TESTS_K:+-k "$TESTS_K"} ;;
     cuda_diag) T=200 step $s python3 benchmarks/cuda_diag.py
       T=120 step ${s}_gdn_ops env FLASH_MOE_GDN=ops FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_model.py -k interval2_e16_top4 ;;
     families|families_dsv3|families_qwen3)  # one family at a time: each removes its folders (disk) when done
