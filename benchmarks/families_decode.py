@@ -18,12 +18,14 @@ Goals (issue 16): warm >= 1.0x mlx-lm; capped >= 0.9 of the bound.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,6 +37,18 @@ from benchmarks.decode import decode_trial, lm_trials  # noqa: E402
 from benchmarks.family_synthetic import FAMILIES, build  # noqa: E402
 
 KEYS = ("prompt_tps", "generation_tps", "peak_memory")
+
+
+def phase(result: dict, name: str, fn, *args):
+    """One step of the run; a failure is printed and recorded and the run goes on (a GPU lease is one try)."""
+    try:
+        result[name] = fn(*args)
+        return result[name]
+    except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
+        traceback.print_exc()
+        print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+        result.setdefault("failed", []).append(name)
+        return None
 
 
 def warm_flash_moe(folder: Path, k: int, args) -> dict:
@@ -56,6 +70,7 @@ def warm_flash_moe(folder: Path, k: int, args) -> dict:
     finally:
         model.close()
         del model
+        gc.collect()  # the device cache's arrays go with the model
         mx.clear_cache()
 
 
@@ -117,18 +132,20 @@ def main(argv=None):
         result["build"] = build(args.family, args.layers, src, folder, vocab=args.vocab, tiny=args.tiny, dtype=args.dtype)
         print("build:", json.dumps(result["build"]), flush=True)
         k = args.k or json.loads((folder / "config.json").read_text())["num_experts_per_tok"]
-        if not args.no_warm:
-            ours = result["warm"] = warm_flash_moe(folder, k, args)
+        ours = None if args.no_warm else phase(result, "warm", warm_flash_moe, folder, k, args)
+        if ours:
             print(f"flash_moe warm, K={k}, every expert in the device cache ({ours['preloaded']} preloaded in "
                   f"{ours['preload_s']:.1f} s): " + ", ".join(f"{key}={ours[key]:.3f}" for key in KEYS), flush=True)
-            if not args.no_peer:
-                peer = result["peer"] = mlx_lm_peer(src, k, args)
-                result["warm_vs_mlx_lm"] = ours["generation_tps"] / peer["generation_tps"]
-                print(f"mlx-lm resident, same weights: prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
-                      f"{peer['generation_tps']:.3f}; flash_moe / mlx-lm generation: {result['warm_vs_mlx_lm']:.2f}x "
-                      f"(goal >= 1.0), prompt: {ours['prompt_tps'] / peer['prompt_tps']:.2f}x", flush=True)
-        if args.cap_fraction >= 0:
-            cap = result["capped"] = capped(folder, k, args)
+        peer = None if args.no_warm or args.no_peer else phase(result, "peer", mlx_lm_peer, src, k, args)
+        if peer:
+            print(f"mlx-lm resident, same weights: prompt_tps={peer['prompt_tps']:.3f}, generation_tps="
+                  f"{peer['generation_tps']:.3f}", flush=True)
+        if ours and peer:
+            result["warm_vs_mlx_lm"] = ours["generation_tps"] / peer["generation_tps"]
+            print(f"flash_moe / mlx-lm generation: {result['warm_vs_mlx_lm']:.2f}x (goal >= 1.0), prompt: "
+                  f"{ours['prompt_tps'] / peer['prompt_tps']:.2f}x", flush=True)
+        cap = phase(result, "capped", capped, folder, k, args) if args.cap_fraction >= 0 else None
+        if cap:
             print(f"capped ({args.cap_fraction:.2f} of the experts, device cache {args.cap_cache_experts}): generation_tps="
                   f"{cap['average']['generation_tps']:.3f}, ratio to the I/O bound {cap['bound']['ratio']:.2f} "
                   f"(goal >= 0.9)", flush=True)
@@ -138,6 +155,8 @@ def main(argv=None):
         if args.cleanup:
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
+    if result.get("failed"):
+        sys.exit(f"failed: {', '.join(result['failed'])}")
     return result
 
 
