@@ -42,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g |
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
 # Steps that do not read $M: a call running only these neither builds it nor spends its disk.
 NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 "
-needs_m() { for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
+needs_m() { local s; for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
 needs_m && { [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4; }
 TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
 FAM=${FAM:-/root/fam}; FAM_ARGS=${FAM_ARGS:-}
