@@ -79,15 +79,17 @@ class _NoExperts(nn.Module):
 
 def draw(name: str, shape: tuple, key: mx.array, dtype) -> mx.array:
     """A resident tensor of sane size: norms near 1, fan-in scaled matrices, decisive routers (rows of norm
-    ROUTER_NORM), small biases."""
+    ROUTER_NORM), small biases. Uniform, not normal: MLX's CPU draws uniform values ~4x faster, and a
+    DeepSeek-V3 layer holds 232M resident weights."""
     leaf = name.rsplit(".", 2)[-2] if "." in name else name
+    uniform = lambda: mx.random.uniform(-1.0, 1.0, shape, dtype=dtype, key=key)
     if "norm" in leaf:
         return mx.random.uniform(0.8, 1.2, shape, dtype=dtype, key=key)
     if name.endswith("mlp.gate.weight"):
-        w = mx.random.normal(shape, key=key)
+        w = uniform().astype(mx.float32)
         return (ROUTER_NORM * w / mx.linalg.norm(w, axis=-1, keepdims=True)).astype(dtype)
     std = {"embed_tokens": 1.0, "lm_head": 3.0 / shape[-1] ** 0.5}.get(leaf, 0.1 if len(shape) == 1 else shape[-1] ** -0.5)
-    return mx.random.normal(shape, dtype=dtype, key=key) * std
+    return uniform() * (std * 3**0.5)  # uniform on [-a, a] has std a / sqrt(3)
 
 
 def write_experts(path: Path, prefix: str, layout: ExpertLayout, num_experts: int, seed: int, layer: int,
@@ -134,11 +136,16 @@ def write_family_source(dst: str | Path, config: dict, *, bits: int = 4, group_s
     model.update_modules(tree_unflatten([(p, _NoExperts()) for p in found]))
     target = getattr(mx, dtype)
     keep = getattr(model, "cast_predicate", None) or (lambda k: True)  # DeepSeek's routing bias stays float32
+    # Drawn on several CPU streams at once (each has its own thread), a round of tensors at a time.
+    streams = [mx.new_stream(mx.cpu) for _ in range(min(8, os.cpu_count() or 1))]
     drawn = []
     for i, (name, p) in enumerate(sorted(tree_flatten(model.parameters()))):
-        w = draw(name, tuple(p.shape), mx.random.key(seed * 1_000_003 + i), target if keep(name) else mx.float32)
-        mx.eval(w)
-        drawn.append((name, w))
+        with mx.stream(streams[i % len(streams)]):
+            drawn.append((name, draw(name, tuple(p.shape), mx.random.key(seed * 1_000_003 + i),
+                                     target if keep(name) else mx.float32)))
+        if len(drawn) % len(streams) == 0:
+            mx.eval([w for _, w in drawn[-len(streams):]])
+    mx.eval([w for _, w in drawn])
     model.update(tree_unflatten(drawn))
     model, qconfig = quantize_model(model, {k: v for k, v in config.items() if k != "quantization"}, group_size, bits)
     resident = dict(tree_flatten(model.parameters()))
