@@ -158,7 +158,6 @@ def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int
     """mlx-lm decoding the same weights, all resident: our resident.safetensors + every packed expert,
     renamed to mlx-lm's qwen3_5_moe names."""
     import mlx.nn as nn
-    from mlx_lm.generate import generate_step as lm_step
     from mlx_lm.models import qwen3_5_moe
 
     from flash_moe.load import read_packed_experts
@@ -184,9 +183,17 @@ def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int
     nn.quantize(model, class_predicate=quantized)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
+    weights = None
+    return lm_trials(model, cfg["vocab_size"], prompt_tokens, generation_tokens, trials)
+
+
+def lm_trials(model, vocab_size: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
+    """mlx-lm's own generate_step on an mlx-lm model: one warm-up, then the trials' averages (same keys as ours)."""
+    from mlx_lm.generate import generate_step as lm_step
+
     out = []
     for t in range(trials + 1):  # the first is a warm-up
-        prompt = mx.random.randint(0, cfg["vocab_size"], (prompt_tokens,))
+        prompt = mx.random.randint(0, vocab_size, (prompt_tokens,))
         start = time.perf_counter()
         for i, _ in enumerate(lm_step(prompt, model, max_tokens=generation_tokens)):
             if i == 0:
@@ -195,7 +202,7 @@ def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int
         if t:
             out.append({"prompt_tps": prompt_tokens / (first - start),
                         "generation_tps": (generation_tokens - 1) / (end - first)})
-    model = weights = None  # free the resident copy before returning
+    model = None  # free the resident copy before returning
     mx.clear_cache()
     return {key: float(np.mean([o[key] for o in out])) for key in out[0]}
 
