@@ -143,7 +143,12 @@ def run(args, n: int, tmp: Path) -> list[dict]:
         if n > 1:
             env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
         procs.append(subprocess.Popen(argv, env=env))
-    codes = [p.wait(timeout=args.timeout) for p in procs]
+    try:
+        codes = [p.wait(timeout=args.timeout) for p in procs]
+    finally:  # a timeout, or the suite's own (SIGTERM): no rank outlives the run
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     if any(codes):
         sys.exit(f"{n} ranks: exit codes {codes}")
     return [json.loads(Path(out.format(rank=r)).read_text()) for r in range(n)]
@@ -183,7 +188,10 @@ def main(argv=None):
         args.model = args.model or args.make
     if not args.model:
         p.error("--model (or --make) is required")
+    import signal
     import tempfile
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("benchmarks/distributed.py: terminated"))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

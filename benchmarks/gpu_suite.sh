@@ -3,6 +3,7 @@
 # a Qwen3.5-397B-shaped synthetic model, then the decode runs named in STEPS, each writing JSON (and a
 # profile where it takes one) under $OUT and appending its output to $OUT/suite.log.
 # Usage: STEPS="tests resident_k4 cache_k4" LAYERS=6 bash benchmarks/gpu_suite.sh
+#        STEPS="dist_cap_k4 dist_k4" bash benchmarks/gpu_suite.sh   (expert-parallel ranks on the CPUs, ~4 min)
 set -u
 OUT=${OUT:-/tmp/out}; M=${M:-/root/syn397}; LAYERS=${LAYERS:-6}; G=${G:-32}; TH=${TH:-16}
 STEPS=${STEPS:-"tests resident_k4 cache_k4 cache_k10 page_k4 cap_k4 cap_cache_k4"}
@@ -13,8 +14,13 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
-[ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
+echo " $STEPS " | tr ' ' '\n' | grep -qv '^dist_\|^$' && [ ! -f "$M/layout.json" ] && step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
+# Expert-parallel on this machine's CPUs and disk (issue 17): 1, 2, 4 ring ranks on a float32 copy of the
+# synthetic model (MLX's CPU quantized matmul is ~14x slower with bfloat16 scales), 3 layers (12 GB of experts)
+DM=${DM:-/root/syn397_f32}
+DB="python3 benchmarks/distributed.py --model $DM --cpu --ranks 1 2 4 --k 4 --tokens 16 --prompt 16 --warm-prompt 64 --timeout 200"
+dist_model() { [ -f "$DM/layout.json" ] || step dist_synthetic python3 benchmarks/make_synthetic.py --out "$DM" --layers "${DLAYERS:-3}" --vocab 32000 --skew --resident-bits 4 --dtype float32; }
 for s in $STEPS; do
   case $s in
     tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_cache.py tests/test_store.py tests/test_kernels.py -k "${TESTS_K:-not test_fetch_is_byte}" ;;
@@ -40,6 +46,8 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     cap_cache_k4_direct) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --json "$OUT/$s.json" ;;
     cap_cache_k4_direct_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --direct --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
+    dist_k4) dist_model; step $s $DB --json "$OUT/$s.json" ;;
+    dist_cap_k4) dist_model; step $s $DB --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
