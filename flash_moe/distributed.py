@@ -195,6 +195,13 @@ def resolve_group(group="auto"):
     return group if group.size() > 1 else None
 
 
+def launched_rank() -> int:
+    """This process's rank in the group ``mlx.launch`` started (0 when it runs alone): every rank runs the
+    same command, and the others stay quiet."""
+    group = resolve_group("auto")
+    return group.rank() if group is not None else 0
+
+
 @dataclass
 class Parallel:
     """One rank's view of an expert-parallel run: its group and who owns which expert of each MoE layer."""
