@@ -64,7 +64,7 @@ while True:
     ready = select.select([fd], [], [], timeout if busy else None)[0]
     if not ready:
         os.write(2, message.encode())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL)  # not SIGTERM: a server catches it to shut down gracefully, waiting on us
         sys.exit(0)
     data = os.read(fd, 4096)
     if not data:

@@ -87,7 +87,7 @@ def test_served_split_equals_single_process(folder, tmp_path, seed):
 
     port = free_ports(1)[0]
     procs = start_ranks(2, ["-m", "flash_moe", "serve", "--model", str(folder), "--port", str(port), "--max-batch",
-                            "4"], tmp_path, to_files=True)
+                            "4"], tmp_path, to_files=True, watchdog=60)  # a busy CI box: no false alarm here
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -102,7 +102,7 @@ def test_served_split_equals_single_process(folder, tmp_path, seed):
         got = conversation(url, asked)
         assert metric(url, "flash_moe_prompt_cache_tokens_total") == want_cached
         procs[0].send_signal(signal.SIGINT)  # rank 0 stops serving and tells the follower to quit
-        codes = [p.wait(timeout=WATCHDOG + 30) for p in procs]
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -115,3 +115,43 @@ def test_served_split_equals_single_process(folder, tmp_path, seed):
         assert a["text"] == b["text"] and a["usage"] == b["usage"] and a["finish"] == b["finish"], (i, seed_note(seed))
         if "logprobs" in b:
             np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4, err_msg=seed_note(seed))
+
+
+def test_killed_follower_ends_the_server(folder, tmp_path):
+    """The follower killed while a request is being generated: the request fails (never hangs), and rank 0
+    ends within the watchdog's timeout with a line naming itself, never with success."""
+    port = free_ports(1)[0]
+    procs = start_ranks(2, ["-m", "flash_moe", "serve", "--model", str(folder), "--port", str(port)], tmp_path,
+                        to_files=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert procs[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.err").read_text()
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(client.completions.create, model="m", prompt="def main", max_tokens=100000,
+                                temperature=0)
+            while metric(url, "flash_moe_generated_tokens_total") < 3:  # generation is under way
+                assert time.monotonic() < deadline and not reply.done()
+                time.sleep(0.05)
+            procs[1].send_signal(signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(openai.APIError):  # a 500 naming the broken run, or the connection dropped
+                reply.result(timeout=WATCHDOG + 30)
+        procs[0].wait(timeout=WATCHDOG + 30)
+        assert time.monotonic() - start < WATCHDOG + 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    err = (tmp_path / "rank0.err").read_text()
+    assert procs[0].returncode not in (0, None), err
+    assert ("error: rank 0 of 2: " in err or "flash-moe: rank 0 of 2: no progress" in err), err
+    assert "another rank stopped" in err, err

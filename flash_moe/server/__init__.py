@@ -98,7 +98,14 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 
     state = make_state(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                        prompt_cache_bytes=prompt_cache_bytes, default_max_tokens=default_max_tokens)
     model.tokenizer  # load it now, not on the first request
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level))
+    state.worker.on_fatal = lambda: setattr(server, "should_exit", True)
     try:
-        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
+        pass
     finally:
         state.worker.stop()  # already stopped by the app; in a split run, it also ends the followers
+    lead = state.worker.lead
+    if lead is not None and lead.error is not None:
+        raise lead.error

@@ -40,6 +40,7 @@ class Lead:
         self.calls: list[int] = []
         self.handles = itertools.count(1)
         self.batches = 0
+        self.error: ParallelError | None = None  # the run broke (a rank died): the server must end
 
     def new_batch(self) -> "LeadBatch":
         """The worker's engine; a second one replaces a batch whose step failed: the followers reset too."""
@@ -105,7 +106,11 @@ class LeadBatch:
             self.lead.send(self.batch.running)
             return self.batch.step()
         except RuntimeError as e:
-            raise failure(e, p) from None
+            err = failure(e, p)
+            if isinstance(err, ParallelError):  # no step can pair up any more: nothing more is sent
+                self.lead.error = err
+                p.ended()
+            raise err from None
         finally:
             p.busy(False)
 

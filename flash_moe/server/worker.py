@@ -174,6 +174,7 @@ class Worker(threading.Thread):
                 self.pool = self.lead.mirror(self.pool)
         self.eos = gen.eos_token_ids(model, model.tokenizer)
         self._halt = threading.Event()
+        self.on_fatal = lambda: None  # called from this thread when serving cannot go on (serve: stop uvicorn)
 
     def submit(self, job: Job) -> None:
         try:
@@ -213,6 +214,9 @@ class Worker(threading.Thread):
                 self.engine = self.new_engine()
                 self.metrics.add("flash_moe_engine_failures_total")
                 self.metrics.set("flash_moe_active_sequences", 0)
+                if self.lead is not None and self.lead.error is not None:  # a rank died: the server ends
+                    self.on_fatal()
+                    break
                 continue
             if before is not None:
                 self._count_io(store.stats.snapshot().delta(before).totals())
