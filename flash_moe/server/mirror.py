@@ -5,9 +5,10 @@ runs the same ``Batch`` calls in the same order (``follow_batches``), so each fo
 rows and every rank reaches the same ``all_sum`` of each MoE layer. Before each step rank 0 sends what
 changed since the last one, in one ``all_sum`` of a fixed-size int32 buffer (the followers add zeros):
 
-- the prompt-cache pool's ``take`` (the prompt's ids), each ``add`` (its ids, checkpoint positions and the
-  tokens its prompt cache let it skip, which the follower checks against its own), each ``remove`` and
-  ``put``, and a reset after a failed step: the follower's pool sees the same calls and decides alike;
+- the prompt-cache pool's ``take`` (the prompt's ids), each ``add`` (its ids, unless they are the take's
+  just before, its checkpoint positions and the tokens its prompt cache let it skip, which the follower
+  checks against its own), each ``remove`` and ``put``, and a reset after a failed step: the follower's pool
+  sees the same calls and decides alike;
 - the token each running sequence feeds next (rank 0 sampled it; the followers' own samples are ignored,
   so sampling parameters never travel, and logits that differ in the last bit cannot split the streams).
 
@@ -41,6 +42,7 @@ class Lead:
         self.handles = itertools.count(1)
         self.batches = 0
         self.error: ParallelError | None = None  # the run broke (a rank died): the server must end
+        self.taken = (None, None)  # the pool's last take: (cache, ids); an add of the same ids does not resend them
 
     def new_batch(self) -> "LeadBatch":
         """The worker's engine; a second one replaces a batch whose step failed: the followers reset too."""
@@ -89,8 +91,10 @@ class LeadBatch:
         seq = self.batch.add(ids, prompt_cache=prompt_cache, checkpoint_at=checkpoint_at, **sampling)
         n = self.numbers[seq] = next(self.lead.handles)
         marks = sorted({int(m) for m in checkpoint_at})
-        self.lead.calls += [_ADD, n, int(prompt_cache is not None), seq.cached_tokens, len(seq.ids), *seq.ids,
-                            len(marks), *marks]
+        cache, taken = self.lead.taken
+        self.lead.taken = (None, None)
+        sent = [-1] if prompt_cache is not None and prompt_cache is cache and taken == seq.ids else [len(seq.ids), *seq.ids]
+        self.lead.calls += [_ADD, n, int(prompt_cache is not None), seq.cached_tokens, *sent, len(marks), *marks]
         return seq
 
     def remove(self, seq):
@@ -128,7 +132,9 @@ class LeadPool:
     def take(self, ids):
         ids = list(ids)
         self.lead.calls += [_TAKE, len(ids), *ids]
-        return self.pool.take(ids)
+        cache = self.pool.take(ids)
+        self.lead.taken = (cache, ids)
+        return cache
 
     def put(self, cache) -> None:
         self.lead.calls.append(_PUT)  # the cache the last remove returned
@@ -154,7 +160,7 @@ class _Replay:
         self.pool = PromptCachePool(model, prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.batch = Batch(model)
         self.seqs: dict = {}
-        self.taken = self.removed = None
+        self.taken = self.removed = self.taken_ids = None
         self.failed = False  # the last step raised here: rank 0's must have too, and a reset must follow
 
     def apply(self, stream: list[int]) -> None:
@@ -162,10 +168,12 @@ class _Replay:
         take = lambda n: [next(it) for _ in range(n)]
         for call in it:
             if call == _TAKE:
-                self.taken = self.pool.take(take(next(it)))
+                self.taken_ids = take(next(it))
+                self.taken = self.pool.take(self.taken_ids)
             elif call == _ADD:
                 n, uses_taken, cached = take(3)
-                ids = take(next(it))
+                length = next(it)
+                ids = self.taken_ids if length == -1 else take(length)  # -1: the ids of the take before it
                 marks = take(next(it))
                 cache, self.taken = (self.taken if uses_taken else None), None
                 seq = self.seqs[n] = self.batch.add(ids, prompt_cache=cache, checkpoint_at=marks)
