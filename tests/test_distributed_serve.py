@@ -75,19 +75,21 @@ def metric(url: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_served_split_equals_single_process(folder, tmp_path, seed):
+@pytest.mark.parametrize("cache_bytes", ["8G", "0"])  # with a prompt-cache pool (mirrored too), without
+def test_served_split_equals_single_process(folder, tmp_path, seed, cache_bytes):
     rng = np.random.default_rng(seed)
     asked = requests(rng)
     model = load(folder, group=None)
-    with LiveServer(make_state(model, max_batch=4)) as alone:
+    with LiveServer(make_state(model, max_batch=4, prompt_cache_bytes=cache_bytes)) as alone:
         want = conversation(alone.url, asked)
         want_cached = metric(alone.url, "flash_moe_prompt_cache_tokens_total")
     model.close()
-    assert want_cached > 0  # the second turn reused the first: the pool's calls are part of what is mirrored
+    assert (want_cached > 0) == (cache_bytes != "0")  # the second turn reused the first
 
     port = free_ports(1)[0]
     procs = start_ranks(2, ["-m", "flash_moe", "serve", "--model", str(folder), "--port", str(port), "--max-batch",
-                            "4"], tmp_path, to_files=True, watchdog=60)  # a busy CI box: no false alarm here
+                            "4", "--prompt-cache-bytes", cache_bytes], tmp_path, to_files=True,
+                        watchdog=60)  # a busy CI box: no false alarm here
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + TIMEOUT
