@@ -15,7 +15,7 @@ cache): ``--cap-fraction F`` caps what each rank adds after loading at F of all 
 as ``benchmarks/decode.py --cap-fraction`` does for one process, so N ranks hold N times the experts in
 their page caches, as N machines would. ``--warm-prompt P`` first runs a P-token prompt (every rank), so
 the caps are reached before measuring. ``--cpu`` runs every rank on MLX's CPU with the ops kernels (a GPU
-machine's CPUs and disk, ring backend).
+machine's CPUs and disk, ring backend); ``--backend nccl`` starts the ranks through ``mlx.launch``, a GPU each.
 
 The arithmetic (docs/distributed.md) is printed beside each N > 1: the N = 1 timed run's ms per token with
 its expert phases (reads and compute) scaled by the slowest rank's share of the expert bytes, plus
@@ -120,6 +120,16 @@ def worker(args) -> None:
     model.close()
 
 
+def launcher() -> list[str]:
+    """The ``mlx.launch`` command (beside this Python, on PATH, or through its module)."""
+    import shutil
+
+    found = Path(sys.executable).with_name("mlx.launch")
+    if found.exists() or shutil.which("mlx.launch"):
+        return [str(found) if found.exists() else shutil.which("mlx.launch")]
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+
+
 def run(args, n: int, tmp: Path) -> list[dict]:
     from benchmarks.decode import drop_page_cache
     from flash_moe.layout import ModelLayout
@@ -136,12 +146,14 @@ def run(args, n: int, tmp: Path) -> list[dict]:
         + (["--cap-fraction", str(args.cap_fraction)] if args.cap_fraction is not None else []) \
         + (["--cpu"] if args.cpu else [])
     procs = []
-    for rank in range(n):
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        if args.cpu:
-            env["FLASH_MOE_BACKEND"] = "ops"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if args.cpu:
+        env["FLASH_MOE_BACKEND"] = "ops"
+    if n > 1 and args.backend != "ring":  # mlx.launch starts the ranks (nccl: one GPU each)
+        procs.append(subprocess.Popen(launcher() + ["-n", str(n), "--backend", args.backend, *argv], env=env))
+    for rank in range(n if not procs else 0):
         if n > 1:
-            env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+            env = dict(env, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
         procs.append(subprocess.Popen(argv, env=env))
     try:
         codes = [p.wait(timeout=args.timeout) for p in procs]
@@ -175,6 +187,9 @@ def main(argv=None):
                         "experts' bytes + 1 GiB (cgroup v2, root): one machine's RAM per rank")
     p.add_argument("--warm-prompt", type=int, default=0, help="tokens of a first prompt that fills the page caches")
     p.add_argument("--cpu", action="store_true", help="run every rank on MLX's CPU with the ops kernels")
+    p.add_argument("--backend", default="ring", choices=("ring", "nccl", "mpi", "jaccl"),
+                   help="ring (default): ranks on localhost started here; others through mlx.launch (nccl: a GPU "
+                        "per rank; set NCCL_NVLS_ENABLE=0)")
     p.add_argument("--json", default=None, help="write every rank's numbers to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds per N before giving up")

@@ -4,6 +4,7 @@
 # profile where it takes one) under $OUT and appending its output to $OUT/suite.log.
 # Usage: STEPS="tests resident_k4 cache_k4" LAYERS=6 bash benchmarks/gpu_suite.sh
 #        STEPS="dist_cap_k4 dist_k4" bash benchmarks/gpu_suite.sh   (expert-parallel ranks on the CPUs, ~4 min)
+#        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
 OUT=${OUT:-/tmp/out}; M=${M:-/root/syn397}; LAYERS=${LAYERS:-6}; G=${G:-32}; TH=${TH:-16}
 STEPS=${STEPS:-"tests resident_k4 cache_k4 cache_k10 page_k4 cap_k4 cap_cache_k4"}
@@ -48,6 +49,8 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     cap_cache_k4_small) step $s $D --k 4 --cold --cap-fraction 0.16 --cache-experts 0.33 --read-chunk-kib 512 --json "$OUT/$s.json" ;;
     dist_k4) dist_model; step $s $DB --json "$OUT/$s.json" ;;
     dist_cap_k4) dist_model; step $s $DB --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
+    # two GPUs (nvidia-h200-x2): a rank per GPU over NCCL, each with its own device cache of its own experts
+    dist_nccl_k4) step $s env NCCL_NVLS_ENABLE=0 python3 benchmarks/distributed.py --model $M --backend nccl --ranks 1 2 --k 4 --tokens 32 --prompt 16 --warm-prompt 64 --timeout 200 --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
