@@ -15,7 +15,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
-echo " $STEPS " | tr ' ' '\n' | grep -qv '^dist_\|^$' && [ ! -f "$M/layout.json" ] && step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
+echo " $STEPS " | tr ' ' '\n' | grep -qv '^dist_k4$\|^dist_cap_k4$\|^$' && [ ! -f "$M/layout.json" ] && step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
 # Expert-parallel on this machine's CPUs and disk (issue 17): 1, 2, 4 ring ranks on a float32 copy of the
 # synthetic model (MLX's CPU quantized matmul is ~14x slower with bfloat16 scales), 3 layers (12 GB of experts)
