@@ -5,6 +5,7 @@ equal the single-process server's, token for token."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -157,3 +158,50 @@ def test_killed_follower_ends_the_server(folder, tmp_path):
     assert procs[0].returncode not in (0, None), err
     assert ("error: rank 0 of 2: " in err or "flash-moe: rank 0 of 2: no progress" in err), err
     assert "another rank stopped" in err, err
+
+
+def test_failed_step_resets_every_rank(folder, tmp_path):
+    """A step that fails on every rank alike (a damaged embedding row: non-finite logits) fails its request
+    with a 500; rank 0 resets its batch and tells the follower to, and the next request's answer equals the
+    single-process server's after the same failure."""
+    from safetensors.numpy import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = load_file(damaged / "resident.safetensors")
+    weights["model.embed_tokens.weight"][7] = np.nan  # token 7's embedding
+    save_file(weights, damaged / "resident.safetensors", metadata={"format": "mlx"})
+
+    def session(url: str) -> str:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        with pytest.raises(openai.InternalServerError, match="not finite"):
+            client.completions.create(model="m", prompt=[1, 7, 3], max_tokens=4, temperature=0)
+        return client.completions.create(model="m", prompt="def main", max_tokens=6, temperature=0).choices[0].text
+
+    model = load(damaged, group=None)
+    with LiveServer(make_state(model)) as alone:
+        want = session(alone.url)
+    model.close()
+    port = free_ports(1)[0]
+    procs = start_ranks(2, ["-m", "flash_moe", "serve", "--model", str(damaged), "--port", str(port)], tmp_path,
+                        to_files=True, watchdog=60)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+                [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert session(url) == want
+        procs[0].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert codes == [0, 0], [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
