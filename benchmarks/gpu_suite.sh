@@ -30,6 +30,8 @@
 #              test_expert_cache, test_store, test_kernels, test_load, test_prompt_cache; TESTS_MORE adds files,
 #              TESTS_K selects) takes longer than one call on a fresh machine (test_kernels alone > 200 s): split it.
 # Disk: families deletes its folders (--cleanup) before the next family; $M at LAYERS=4 is 14.5 GB more.
+#        STEPS="dist_cap_k4 dist_k4" bash benchmarks/gpu_suite.sh   (expert-parallel ranks on the CPUs, ~4 min)
+#        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
 OUT=${OUT:-/tmp/out}; M=${M:-/root/syn397}; LAYERS=${LAYERS:-6}; G=${G:-32}; TH=${TH:-16}
 STEPS=${STEPS:-"tests resident_k4 cache_k4 cache_k10 page_k4 cap_k4 cap_cache_k4"}
@@ -41,12 +43,17 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
 # Steps that do not read $M: a call running only these neither builds it nor spends its disk.
-NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 "
+NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 dist_k4 dist_cap_k4 "
 needs_m() { local s; for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
 needs_m && { [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4; }
 TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
 FAM=${FAM:-/root/fam}; FAM_ARGS=${FAM_ARGS:-}
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
+# Expert-parallel on this machine's CPUs and disk (issue 17): 1, 2, 4 ring ranks on a float32 copy of the
+# synthetic model (MLX's CPU quantized matmul is ~14x slower with bfloat16 scales), 3 layers (12 GB of experts)
+DM=${DM:-/root/syn397_f32}
+DB="python3 benchmarks/distributed.py --model $DM --cpu --ranks 1 2 4 --k 4 --tokens 16 --prompt 16 --warm-prompt 64 --timeout 200"
+dist_model() { [ -f "$DM/layout.json" ] || step dist_synthetic python3 benchmarks/make_synthetic.py --out "$DM" --layers "${DLAYERS:-3}" --vocab 32000 --skew --resident-bits 4 --dtype float32; }
 for s in $STEPS; do
   case $s in
     tests) step tests env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_cache.py tests/test_store.py tests/test_kernels.py -k "${TESTS_K:-not test_fetch_is_byte}" ;;
@@ -100,6 +107,10 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
       else echo "=== ${s}_server skipped: fastapi, uvicorn or openai missing (put their wheels in .whl/)" | tee -a "$OUT/suite.log"; fi ;;
     bench_vs_decode) step ${s}_decode python3 benchmarks/decode.py --model $M --k 4 -p 64 -g 64 -n 3 --cache-experts ${BV_CACHE:-0} --json "$OUT/$s.json"
       step ${s}_bench python3 -m flash_moe bench --model $M -p 64 -g 64 -n 3 --k 4 --cache-experts ${BV_CACHE:-0} ;;
+    dist_k4) dist_model; step $s $DB --json "$OUT/$s.json" ;;
+    dist_cap_k4) dist_model; step $s $DB --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
+    # two GPUs (nvidia-h200-x2): a rank per GPU over NCCL, each with its own device cache of its own experts
+    dist_nccl_k4) step $s env NCCL_NVLS_ENABLE=0 python3 benchmarks/distributed.py --model $M --backend nccl --ranks 1 2 --k 4 --tokens 32 --prompt 16 --warm-prompt 64 --timeout 200 --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -32,12 +32,14 @@ def main(argv=None):
     p.add_argument("--resident-bits", type=int, default=None, help="quantize big resident matrices (4 or 8)")
     p.add_argument("--skew", type=float, nargs="?", const=QWEN35_SKEW, default=None,
                    help=f"router popularity skew; bare --skew gives Qwen3.5-397B's ({QWEN35_SKEW})")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights and scales (float32 for MLX's CPU: its quantized matmul is ~14x slower in bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="every byte follows from it")
     p.add_argument("--dry-run", action="store_true", help="print the sizes and exit")
     args = p.parse_args(argv)
 
     config = qwen35_397b_config(args.layers, args.vocab)
-    experts = synthetic_bytes(config, bits=args.bits, group_size=args.group_size)
+    experts = synthetic_bytes(config, bits=args.bits, group_size=args.group_size, dtype=args.dtype)
     print(f"{args.layers} layers, vocab {args.vocab}: experts {experts / 1e9:.2f} GB "
           f"({experts / args.layers / 1e9:.2f} GB a layer), bits {args.bits}, skew {args.skew}")
     if args.dry_run:
@@ -48,7 +50,7 @@ def main(argv=None):
         sys.exit(f"{args.out}: {free / 1e9:.1f} GB free, the experts alone need {experts / 1e9:.1f} GB; use fewer --layers")
     start = time.perf_counter()
     write_synthetic(args.out, config, bits=args.bits, group_size=args.group_size, skew=args.skew, seed=args.seed,
-                    resident_bits=args.resident_bits)
+                    resident_bits=args.resident_bits, dtype=args.dtype)
     seconds = time.perf_counter() - start
     total = folder_bytes(args.out)
     print(f"wrote {total / 1e9:.2f} GB to {args.out} in {seconds:.0f} s ({total / seconds / 1e9:.2f} GB/s)")

@@ -253,21 +253,29 @@ def _load_options(args) -> dict:
 
 
 def cmd_eval(args) -> None:
+    from .distributed import launched_rank
     from .eval import evaluate
     from .eval.report import plot, table, write_json
 
     models = args.model
+    # Under mlx.launch every rank runs the same evaluation (the same forward passes, in step); rank 0 reports.
+    lead = launched_rank() == 0
     if args.tool_calls:
         from .eval.tools import evaluate_tool_calls, tool_table
 
         rows = evaluate_tool_calls(models, suite=args.suite, k=args.k, max_tokens=args.gen_tokens,
-                                   load_options=_load_options(args))
+                                   load_options=_load_options(args), progress=lead)
+        if not lead:
+            return
         print(tool_table(rows))
         if args.json:
             write_json(rows, args.json)
         return
     rows = evaluate(models, args.data, k=args.k, reference=args.reference, context=args.context, stride=args.stride,
-                    max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, load_options=_load_options(args))
+                    max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, load_options=_load_options(args),
+                    progress=lead)
+    if not lead:
+        return
     print(table(rows))
     if args.json:
         write_json(rows, args.json)
@@ -281,16 +289,24 @@ def cmd_bench(args) -> None:
     from . import load
     from .eval.bench import bench, format_row
 
+    from .distributed import following
+
     model = load(args.model, **_load_options(args))
-    quiet = args.json == "-"
+    # Under mlx.launch every rank runs the same trials (generation in lockstep); rank 0 reports its own reads.
+    follower = following(model)
+    quiet = args.json == "-" or follower
     show = (lambda i, row: None) if quiet else (lambda i, row: print(f"Trial {i + 1}:  {format_row(row)}", flush=True))
     try:
         result = bench(model, args.prompt_tokens, args.generation_tokens, args.num_trials, k=args.k, seed=args.seed,
                        on_trial=show)
     finally:
         model.close()
+    if follower:
+        return
     if not quiet:
         print(f"Averages: {format_row(result['average'])}")
+        if getattr(model, "parallel", None) is not None:
+            print(f"(expert-parallel: {model.parallel.size} ranks; the expert reads above are rank 0's share)")
     if args.json:
         from .eval.report import finite
 

@@ -64,7 +64,7 @@ while True:
     ready = select.select([fd], [], [], timeout if busy else None)[0]
     if not ready:
         os.write(2, message.encode())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL)  # not SIGTERM: a server catches it to shut down gracefully, waiting on us
         sys.exit(0)
     data = os.read(fd, 4096)
     if not data:
@@ -195,6 +195,13 @@ def resolve_group(group="auto"):
     return group if group.size() > 1 else None
 
 
+def launched_rank() -> int:
+    """This process's rank in the group ``mlx.launch`` started (0 when it runs alone): every rank runs the
+    same command, and the others stay quiet."""
+    group = resolve_group("auto")
+    return group.rank() if group is not None else 0
+
+
 @dataclass
 class Parallel:
     """One rank's view of an expert-parallel run: its group and who owns which expert of each MoE layer."""
@@ -262,6 +269,10 @@ class Parallel:
         return self.group.rank()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def size(self) -> int:
         return self.group.size()
 
@@ -282,6 +293,12 @@ class Parallel:
         return (f"expert-parallel rank {self.rank} of {self.size}: owns {held} of {num_experts} experts in each "
                 f"of {len(self.owners)} MoE layers ({how})")
 
+    def ended(self) -> None:
+        """The run was ended by a protocol of its own (a follower heard quit, or rank 0 sent it): nothing more
+        to send at ``close``, nothing more to watch."""
+        self._closed = True
+        self._stop_watchdog()
+
     def close(self) -> None:
         """End the run on every rank together: rank 0 says so, the others hear it (``follow`` hears it
         itself). Every rank closes its model, as every rank takes part in each generation."""
@@ -294,9 +311,9 @@ class Parallel:
             return
         self.busy(True)
         try:
-            word = _share(np.array([_QUIT] + [0] * (_HEADER - 1), np.int32), self, (_GENERATE, _QUIT))
+            word = share(np.array([_QUIT] + [0] * (_HEADER - 1), np.int32), self, (_GENERATE, _QUIT))
         except RuntimeError as e:
-            raise _failure(e, self) from None
+            raise failure(e, self) from None
         self.busy(False)
         self._stop_watchdog()
         if word[0] != _QUIT:
@@ -372,7 +389,7 @@ def _lost(parallel: Parallel, what: str) -> ParallelError:
                          "was killed or lost its connection)")
 
 
-def _share(values: np.ndarray, parallel: Parallel, valid=None) -> np.ndarray:
+def share(values: np.ndarray, parallel: Parallel, valid=None) -> np.ndarray:
     """Rank 0's int32 ``values`` on every rank (the others pass zeros of the same shape). Rank 0 checks it got
     back what it sent, the others that ``values[0]`` is one of ``valid``: a collective whose peer died may
     return garbage instead of failing."""
@@ -385,7 +402,7 @@ def _share(values: np.ndarray, parallel: Parallel, valid=None) -> np.ndarray:
     return out
 
 
-def _failure(e: BaseException, parallel: Parallel) -> BaseException:
+def failure(e: BaseException, parallel: Parallel) -> BaseException:
     """A backend's error (``[ring] connection to a peer was lost``, ...) as a ``ParallelError`` naming this rank."""
     if isinstance(e, RuntimeError) and not isinstance(e, ParallelError) and _BACKEND_ERROR.search(str(e)):
         return _lost(parallel, str(e))
@@ -438,19 +455,19 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
                 ids = np.array(prompt, np.int32).reshape(-1)
                 marks = np.array(sorted({int(m) for m in checkpoint_at}), np.int32)
                 reused = prompt_cache.reusable(ids) if prompt_cache is not None else 0
-                _share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1),
+                share(np.array([_GENERATE, ids.size, prefill_step_size, min(max_tokens, 2**31 - 1),
                                  p.tag(prompt_cache), prompt_cache.max_checkpoints if prompt_cache else 0,
                                  reused, marks.size], np.int32), p, (_GENERATE,))
-                _share(np.concatenate([ids, marks]), p)
+                share(np.concatenate([ids, marks]), p)
                 mismatch = 0
             else:
                 header, p._request = p._request, None
                 if header is None:
-                    header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
+                    header = share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
                 if header[0] != _GENERATE:
                     raise ParallelError(f"rank {p.rank} of {p.size}: asked to generate, but rank 0 has finished")
                 n = int(header[1])
-                values = _share(np.zeros(n + int(header[7]), np.int32), p)
+                values = share(np.zeros(n + int(header[7]), np.int32), p)
                 prompt, checkpoint_at = mx.array(values[:n]), tuple(int(m) for m in values[n:])
                 prefill_step_size, max_tokens = int(header[2]), int(header[3])
                 prompt_cache = p.mirror(int(header[4]), int(header[5]), model, own=prompt_cache)
@@ -464,7 +481,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
                     "expert-parallel run, use prompt caches only through generation (every rank keeps a mirror), "
                     "not filled or loaded on rank 0 alone")
     except RuntimeError as e:
-        raise _failure(e, p) from None
+        raise failure(e, p) from None
 
     def shared(logprobs, key):
         token = sampler(logprobs, key).astype(mx.int32)
@@ -478,7 +495,7 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
             with interrupt:
                 if pending:
                     pending = False
-                    if _share(np.array([_GO], np.int32), p, (_GO, _STOP))[0] == _STOP:
+                    if share(np.array([_GO], np.int32), p, (_GO, _STOP))[0] == _STOP:
                         break
                 try:
                     item = next(inner)
@@ -494,12 +511,12 @@ def lockstep(steps, prompt, model, *, max_tokens: int, sampler, prefill_step_siz
                 break
         with interrupt:
             if pending:  # rank 0 says stop, a follower must hear stop
-                if _share(np.array([_STOP], np.int32), p, (_GO, _STOP))[0] == _GO:
+                if share(np.array([_STOP], np.int32), p, (_GO, _STOP))[0] == _GO:
                     raise ParallelError(f"rank {p.rank} of {p.size} stopped generating while rank 0 went on: "
                                         "every rank must take the whole generation")
         p.busy(False)
     except RuntimeError as e:
-        raise _failure(e, p) from None
+        raise failure(e, p) from None
     finally:
         inner.close()
     if interrupt.held:
@@ -530,12 +547,11 @@ def follow(model, timer=None, prompt_cache=None) -> int:
     done = 0
     while True:
         try:
-            header = _share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
+            header = share(np.zeros(_HEADER, np.int32), p, (_GENERATE, _QUIT))
         except RuntimeError as e:
-            raise _failure(e, p) from None
+            raise failure(e, p) from None
         if header[0] == _QUIT:
-            p._closed = True
-            p._stop_watchdog()
+            p.ended()
             return done
         p._request = header
         for _ in generate_step(mx.array([0], mx.int32), model, timer=timer):

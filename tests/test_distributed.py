@@ -74,7 +74,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_ranks(n: int, argv: list[str], tmp: Path, to_files: bool = False) -> list[subprocess.Popen]:
+def start_ranks(n: int, argv: list[str], tmp: Path, to_files: bool = False,
+                watchdog: float = WATCHDOG) -> list[subprocess.Popen]:
     """``n`` processes on a localhost ring, as ``mlx.launch --backend ring`` starts them. ``to_files``: each
     rank's stdout and stderr go to ``tmp/rank{r}.out`` / ``.err`` (a long run would fill a pipe and block)."""
     hostfile = tmp / "hosts.json"
@@ -82,7 +83,7 @@ def start_ranks(n: int, argv: list[str], tmp: Path, to_files: bool = False) -> l
     procs = []
     for rank in range(n):
         env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), PYTHONPATH=str(REPO),
-                   TQDM_DISABLE="1", FLASH_MOE_PARALLEL_TIMEOUT=str(WATCHDOG))
+                   TQDM_DISABLE="1", FLASH_MOE_PARALLEL_TIMEOUT=str(watchdog))
         env.pop("FLASH_MOE_DEBUG", None)
         if to_files:
             out, err = open(tmp / f"rank{rank}.out", "w"), open(tmp / f"rank{rank}.err", "w")

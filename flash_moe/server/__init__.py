@@ -77,10 +77,13 @@ def check_binding(host: str, api_key: str | None) -> None:
 def serve(model, *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, max_queue: int | None = None,
           prompt_cache_bytes: int | str = 8 << 30, api_key: str | None = None, experts_per_token: int | None = None,
           default_max_tokens: int = 4096, log_level: str = "info", load_options: dict | None = None) -> None:
-    """Serve ``model`` (a loaded model or a path) on http://host:port until interrupted."""
+    """Serve ``model`` (a loaded model or a path) on http://host:port until interrupted. Under ``mlx.launch``
+    (an expert-parallel model) only rank 0 serves; the other ranks follow its batch steps (mirror.py)."""
     import uvicorn
 
+    from ..distributed import following
     from .app import create_app
+    from .mirror import follow_batches
 
     check_binding(host, api_key)
     if isinstance(model, (str, Path)):
@@ -89,7 +92,20 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 
         model = load(model, experts_per_token=experts_per_token, **(load_options or {}))
     elif experts_per_token:
         model.set_experts_per_token(experts_per_token)
+    if following(model):  # an expert-parallel rank other than 0: rank 0 serves HTTP, this rank mirrors its steps
+        follow_batches(model, parse_bytes(prompt_cache_bytes))
+        return
     state = make_state(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                        prompt_cache_bytes=prompt_cache_bytes, default_max_tokens=default_max_tokens)
     model.tokenizer  # load it now, not on the first request
-    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level))
+    state.worker.on_fatal = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
+        pass
+    finally:
+        state.worker.stop()  # already stopped by the app; in a split run, it also ends the followers
+    lead = state.worker.lead
+    if lead is not None and lead.error is not None:
+        raise lead.error

@@ -155,6 +155,12 @@ class Worker(threading.Thread):
 
         self.model, self.max_batch = model, max_batch
         self.new_engine = (lambda: Batch(model)) if engine is None else (lambda: engine)
+        self.lead = None  # an expert-parallel run: the other ranks mirror this engine (mirror.py)
+        if engine is None and getattr(model, "parallel", None) is not None:
+            from .mirror import Lead
+
+            self.lead = Lead(model)
+            self.new_engine = self.lead.new_batch
         self.engine = self.new_engine()
         self.pending: queue.Queue = queue.Queue(max(1, max_queue))
         self.metrics = metrics or Metrics()
@@ -164,8 +170,11 @@ class Worker(threading.Thread):
             from .cache_pool import PromptCachePool
 
             self.pool = PromptCachePool(model, prompt_cache_bytes)
+            if self.lead is not None:
+                self.pool = self.lead.mirror(self.pool)
         self.eos = gen.eos_token_ids(model, model.tokenizer)
         self._halt = threading.Event()
+        self.on_fatal = lambda: None  # called from this thread when serving cannot go on (serve: stop uvicorn)
 
     def submit(self, job: Job) -> None:
         try:
@@ -178,6 +187,8 @@ class Worker(threading.Thread):
         self._halt.set()
         if self.is_alive():
             self.join(timeout)
+        if self.lead is not None and not self.is_alive():  # not while a step may still wait in a collective
+            self.lead.close()
 
     def run(self) -> None:
         store = getattr(self.model, "store", None)
@@ -203,6 +214,9 @@ class Worker(threading.Thread):
                 self.engine = self.new_engine()
                 self.metrics.add("flash_moe_engine_failures_total")
                 self.metrics.set("flash_moe_active_sequences", 0)
+                if self.lead is not None and self.lead.error is not None:  # a rank died: the server ends
+                    self.on_fatal()
+                    break
                 continue
             if before is not None:
                 self._count_io(store.stats.snapshot().delta(before).totals())
