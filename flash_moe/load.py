@@ -211,8 +211,13 @@ def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str
             raise CheckpointError(f"{file}: layer {layer} file has {size:,} bytes, expected {expected:,} "
                                   f"({layout.num_experts} experts x stride {e.stride:,})")
         raw = np.empty((layout.num_experts, e.stride), np.uint8)
-        if os.preadv(fd, [raw], 0) != expected:
-            raise CheckpointError(f"{file}: short read (file changed while it was read?)")
+        flat, done = raw.reshape(-1), 0
+        while done < expected:  # one read returns at most ~2 GiB on Linux: a 397B layer is 3.6 GB
+            got = os.preadv(fd, [flat[done: done + (1 << 30)]], done)
+            if got <= 0:
+                raise CheckpointError(f"{file}: short read at byte {done:,} of {expected:,} (file changed while "
+                                      "it was read?)")
+            done += got
     finally:
         os.close(fd)
     from .store import experts_to_check

@@ -38,7 +38,10 @@ def test_residual_steps_equal_the_layer_loop(seed):
     for layer in model.layers:
         h, delta = layer.residual_step(h, delta, None)
     got = add_rms_norm(h, delta, model.model.norm.weight, model.model.norm.eps, backend="ops")[1]
-    assert mx.array_equal(got, want).item(), seed_note(seed)
+    if mx.default_device() == mx.cpu:  # the same ops in the same order: bit for bit
+        assert mx.array_equal(got, want).item(), seed_note(seed)
+    else:  # on a GPU residual_step runs the fused add+norm kernel, which rounds its sum in another order
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), seed_note(seed)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
