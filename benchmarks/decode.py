@@ -119,6 +119,67 @@ def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, t
     }
 
 
+def host_to_device_gbps(model, n: int = 16) -> float | None:
+    """The host tier's copy bandwidth into device arrays (pinned memory -> GPU on CUDA), on ``n`` experts of
+    the first layer: a first fill reads them in, the second is the copy alone."""
+    host = model.host_cache
+    if host is None:
+        return None
+    from flash_moe.layout import mlx_dtype
+
+    layout = model.store.layout
+    ids = np.arange(min(n, layout.num_experts, host.capacity))
+    targets = {t.name: mx.zeros((len(ids), *t.shape), mlx_dtype(t.dtype)) for t in layout.expert.tensors}
+    mx.eval(list(targets.values()))
+    host.fill_into(layout.moe_layers[0], ids, targets, np.arange(len(ids)))
+    start = time.perf_counter()
+    host.fill_into(layout.moe_layers[0], ids, targets, np.arange(len(ids)))
+    return len(ids) * layout.expert.expert_bytes / (time.perf_counter() - start) / 1e9
+
+
+def disk_gbps(args, folder: Path, measured: float) -> tuple[float, str]:
+    """The disk bandwidth the tiered bound uses: --disk-gbps, else benchmarks/disk_ceiling.py's disk_ceiling()
+    when that file exists, else this run's pread test."""
+    if args.disk_gbps:
+        return args.disk_gbps, "--disk-gbps"
+    try:
+        from benchmarks.disk_ceiling import disk_ceiling
+    except ImportError:
+        return measured, "pread test"
+    found = disk_ceiling(folder)
+    return (found.get("gb_per_s", measured) if isinstance(found, dict) else float(found)), "disk_ceiling()"
+
+
+def tiered_bound(args, result: dict, layout, before: dict, after: dict, tokens: int, gen_ms: float, h2d, measured):
+    """Per token: device-tier misses served by the host tier cost a copy at the measured host->device bandwidth,
+    the rest a disk read at the disk's; plus the time not spent reading or copying. Over the trials."""
+    eb = layout.expert.expert_bytes
+    delta = {tier: {k: after[tier][k] - before[tier].get(k, 0) for k, v in after[tier].items() if isinstance(v, (int, float))}
+             for tier in after}
+    host, store = delta.get("host"), delta["store"]
+    guessed = host["prefetched"] if host else 0
+    disk_reads = (store["experts"] - guessed) / tokens  # demand reads; the guesses ran beside the compute
+    host_hits = host["hits"] / tokens if host else 0.0
+    read_s = (host["read_seconds"] if host else store["seconds"]) / tokens
+    copy_s = host["copy_seconds"] / tokens if host else 0.0
+    gbps, source = disk_gbps(args, Path(args.model), measured)
+    not_reading = max(gen_ms - 1e3 * (read_s + copy_s), 0.0)
+    bound = 1e3 * (host_hits * eb / (h2d * 1e9) if h2d else 0.0) + 1e3 * disk_reads * eb / (gbps * 1e9) + not_reading
+    out = {"per_token": {"device_hits": delta["device"]["hits"] / tokens if "device" in delta else 0.0,
+                         "host_hits": host_hits, "disk_reads": disk_reads, "prefetched": guessed / tokens,
+                         "prefetch_used": (host["prefetch_used"] / tokens) if host else 0.0},
+           "host_to_device_gb_per_s": h2d, "disk_gb_per_s": gbps, "disk_source": source, "read_ms": 1e3 * read_s,
+           "copy_ms": 1e3 * copy_s, "not_reading_ms": not_reading, "bound_ms": bound, "actual_ms": gen_ms,
+           "ratio": bound / gen_ms if gen_ms else float("nan"), "tiers": after}
+    result["tiered_bound"] = out
+    p = out["per_token"]
+    print(f"tiers per token: {p['device_hits']:.1f} device hits, {host_hits:.1f} host hits, {disk_reads:.1f} disk reads"
+          f" ({p['prefetched']:.1f} guessed, {p['prefetch_used']:.1f} of them used); host->device "
+          f"{h2d or float('nan'):.1f} GB/s, disk {gbps:.2f} GB/s ({source})")
+    print(f"tiered-memory bound {bound:.1f} ms (= host hits x {eb / 1e6:.2f} MB / host->device + disk reads / disk + "
+          f"{not_reading:.1f} ms not reading) vs {gen_ms:.1f} ms measured: ratio {out['ratio']:.2f}")
+
+
 def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
     """mlx-lm decoding the same weights, all resident: our resident.safetensors + every packed expert,
     renamed to mlx-lm's qwen3_5_moe names."""
@@ -224,6 +285,13 @@ def main():
                         "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
     p.add_argument("--cache-experts", default="0",
                    help="experts kept in device memory (ExpertCache): a count, a fraction of all experts, or 'all'")
+    p.add_argument("--host-cache", default="0",
+                   help="experts kept in host RAM behind the device cache (HostExpertCache, pinned on CUDA): a fraction "
+                        "of all experts, bytes like 24GB, 'all' or 'auto'; prints the tiered-memory bound")
+    p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="read the next layer's guessed experts into the host cache while a layer computes")
+    p.add_argument("--disk-gbps", type=float, default=None,
+                   help="disk bandwidth for the tiered bound (default: disk_ceiling() when present, else the pread test)")
     p.add_argument("--no-speculate", action="store_true",
                    help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
     p.add_argument("--preload", action="store_true", help="with --cache-experts: fill the device cache before decoding")
@@ -268,13 +336,17 @@ def main():
     if args.resident:
         return resident_run(folder, args, result)
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
-                 read_chunk=args.read_chunk_kib << 10, direct_io=direct_io)
+                 read_chunk=args.read_chunk_kib << 10, direct_io=direct_io, host_cache=args.host_cache,
+                 prefetch={"auto": "auto", "on": True, "off": False}[args.prefetch])
     if model.cache is not None and args.no_speculate:
         model.cache.speculate = False
-    if model.cache is not None and args.preload:
+    if (model.cache is not None or model.host_cache is not None) and args.preload:
+        from flash_moe.host_cache import preload_tiers
+
         start = time.perf_counter()
-        n = model.cache.preload()
-        print(f"preloaded {n} experts into the device cache in {time.perf_counter() - start:.1f} s")
+        n = preload_tiers(model.store, model.cache, model.host_cache)
+        print(f"preloaded {n} experts into the device/host tiers in {time.perf_counter() - start:.1f} s")
+    h2d = host_to_device_gbps(model)
     if args.cap_fraction is not None:
         expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
         # Charges made before the move stay outside the group: the cap then bounds what decoding adds,
@@ -287,6 +359,7 @@ def main():
         print(f"warm-up prefill of {args.warm_prompt} tokens: {pre['prompt_tps']:.1f} tok/s, read {pre['io']['experts']} experts"
               + (f"; device cache {model.cache.totals()}" if model.cache is not None else ""))
     trials = []
+    tiers_before = model.tier_totals()
     for t in range(args.num_trials):
         if args.cold:
             drop_page_cache(files)
@@ -294,6 +367,7 @@ def main():
         trials.append(r)
         print(f"Trial {t + 1}: prompt_tps={r['prompt_tps']:.3f}, generation_tps={r['generation_tps']:.3f}, "
               f"peak_memory={r['peak_memory']:.3f}, total_time={r['total_time']:.3f}")
+    tiers_after = model.tier_totals()
     avg = {key: float(np.mean([r[key] for r in trials])) for key in ("prompt_tps", "generation_tps", "peak_memory", "total_time")}
     print("Averages: " + ", ".join(f"{k2}={v:.3f}" for k2, v in avg.items()))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
@@ -337,6 +411,8 @@ def main():
           f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {1e3 * io['seconds']:.1f} ms; "
           f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
           f"{gen_ms:.1f} ms measured: ratio {bound_ms / gen_ms:.2f}")
+    if model.cache is not None or model.host_cache is not None:
+        tiered_bound(args, result, layout, tiers_before, tiers_after, tokens, gen_ms, h2d, disk["gb_per_s"])
 
     finish(folder, args, result, avg, "flash_moe")
 

@@ -66,7 +66,14 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-io", default="auto", choices=("auto", "on", "off"),
                    help="read experts around the page cache with O_DIRECT (default auto: when a GPU cache is in front)")
     p.add_argument("--preload", action="store_true",
-                   help="fill the GPU expert cache before generating (progress bar; nothing to do without one)")
+                   help="fill the GPU (and host) expert caches before generating, most used first (progress bar)")
+    p.add_argument("--host-cache", default="auto",
+                   help="experts kept in host RAM behind the GPU cache (pinned on CUDA): a fraction of all experts, "
+                        "bytes like 24GB, 'all', or 'auto' (default: free RAM less a reserve on CUDA, none on Apple/CPU "
+                        "where the page cache is that tier); 0 turns it off")
+    p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="read the next layer's likely experts into the host cache while a layer computes "
+                        "(default auto: on CUDA with a host cache)")
 
 
 def _loading_notes(args, model) -> None:
@@ -90,7 +97,18 @@ def _loading_notes(args, model) -> None:
 
 def _loading(args) -> dict:
     direct = {"auto": "auto", "on": True, "off": False}[args.direct_io]
-    return dict(experts_per_token=args.k, cache_experts=args.cache_experts, direct_io=direct, preload=args.preload)
+    return dict(experts_per_token=args.k, cache_experts=args.cache_experts, direct_io=direct, preload=args.preload,
+                **_tier_options(args))
+
+
+def _tier_options(args) -> dict:
+    """--host-cache and --prefetch as load() takes them (left out at their defaults)."""
+    out = {}
+    if args.host_cache != "auto":
+        out["host_cache"] = args.host_cache
+    if args.prefetch != "auto":
+        out["prefetch"] = args.prefetch == "on"
+    return out
 
 
 def _sampling(args) -> dict:
@@ -249,7 +267,7 @@ def _k_list(text: str) -> list[int]:
 
 def _load_options(args) -> dict:
     return dict(cache_experts=args.cache_experts, direct_io={"auto": "auto", "on": True, "off": False}[args.direct_io],
-                preload=args.preload)
+                preload=args.preload, **_tier_options(args))
 
 
 def cmd_eval(args) -> None:

@@ -20,7 +20,24 @@ FORMAT_VERSION = 1
 TENSOR_ALIGN = 64
 STRIDE_ALIGN = 16 * 1024
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The dtypes of stored tensors, with their bytes per element. bfloat16 has no numpy dtype: it is stored and
+# read as uint16, and shown to MLX as bfloat16 through a view (which shares the buffer).
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4}
+STORAGE_DTYPE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "uint32": "uint32"}
+
+
+def numpy_dtype(dtype: str):
+    """The numpy dtype that holds a stored ``dtype``'s bytes (uint16 for bfloat16)."""
+    import numpy as np
+
+    return np.dtype(STORAGE_DTYPE[dtype])
+
+
+def mlx_dtype(dtype: str, storage: bool = False):
+    """The MLX dtype of a stored ``dtype``; ``storage=True``: the one its bytes are written through."""
+    import mlx.core as mx
+
+    return getattr(mx, STORAGE_DTYPE[dtype] if storage else dtype)
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 
 

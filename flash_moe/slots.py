@@ -13,11 +13,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .layout import ExpertLayout
-
-# bf16 has no numpy dtype: it is stored as uint16 and shown to MLX through a (shared-buffer) view.
-_STORAGE_DTYPE = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.uint16}
-_COMPUTE_DTYPE = {"bfloat16": mx.bfloat16}
+from .layout import ExpertLayout, mlx_dtype
 
 
 class SlotBuffers(Protocol):
@@ -73,9 +69,9 @@ class HostSlotBuffers:
             storage, compute = {}, {}
             for t in layout.tensors:
                 start = base + offsets[t.name]
-                a = flat[start : start + capacity * t.nbytes].view(_STORAGE_DTYPE[t.dtype]).reshape(capacity, *t.shape)
+                a = flat[start : start + capacity * t.nbytes].view(mlx_dtype(t.dtype, storage=True)).reshape(capacity, *t.shape)
                 storage[t.name] = a
-                compute[t.name] = a.view(_COMPUTE_DTYPE[t.dtype]) if t.dtype in _COMPUTE_DTYPE else a
+                compute[t.name] = a.view(mlx_dtype(t.dtype)) if t.dtype == "bfloat16" else a
             # MLX shares the buffer for contiguous slices, views and reshapes; check it did, never write elsewhere.
             shown = {n: c.view(mx.uint16) if c.dtype == mx.bfloat16 else c for n, c in compute.items()}
             mx.eval(list(storage.values()), list(compute.values()), list(shown.values()))
