@@ -8,12 +8,7 @@ indexes them directly, so a hit costs no copy at all. Misses are read by the sto
 into the positions of the least valuable entries (score = weight * uses + last use, the
 frequency-weighted LRU of the flash-moe CUDA port).
 
-Speculation: the per-layer host sync (to learn which experts to read) costs a round trip and stalls
-the GPU at every layer. When the last token found every expert it needed in the cache, the next one
-runs without it: each layer looks its experts' positions up on the device (``positions``), and
-the lookups are read back once, with the token's logits (``commit``). A lookup that found an
-expert missing voids the token; the caller restores its state and runs it again the synchronous way,
-which reads the missing experts in (see ``LoadedModel.__call__``).
+Speculation (tokens with no per-layer sync, betting every expert is here) lives in speculation.py.
 
 Filling in place: with pinned slot buffers (MLX's CUDA backend) a kernel copies the read slots
 straight into the cache arrays (``PinnedSlotBuffers.scatter``); MLX's own ``slice_update`` copies the
@@ -28,6 +23,7 @@ import numpy as np
 
 from .expert_source import Entries, StoreSource, popularity_order
 from .layout import ExpertLayout, mlx_dtype
+from .speculation import Speculation
 
 
 class DeviceExpertCache:
@@ -47,7 +43,7 @@ class DeviceExpertCache:
         self.next = next if next is not None else StoreSource(store)
         self.num_experts = store.layout.num_experts
         self.owned = owned
-        self.speculate = owned is None  # may tokens run without per-layer syncs when everything they need is cached
+        self.speculation = Speculation(self, enabled=owned is None)
         self.arrays = {t.name: mx.zeros((capacity, *t.shape), mlx_dtype(t.dtype)) for t in layout.tensors}
         mx.eval(list(self.arrays.values()))
         n_layers = max(store.layout.moe_layers, default=-1) + 1
@@ -55,12 +51,6 @@ class DeviceExpertCache:
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
-        self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
-        self._clean = 0  # synchronous fetches in a row without a miss
-        self._moe_layers = len(store.layout.moe_layers)
-        self._rows: list[mx.array] | None = None  # per layer, expert -> position (-1: absent), on the device
-        self._lookups: list[mx.array] | None = None  # a speculative token's lookups, and their layers
-        self._layers: list[int] = []
 
     @property
     def position(self) -> np.ndarray:
@@ -86,10 +76,9 @@ class DeviceExpertCache:
         miss = np.nonzero(pos < 0)[0]
         self.hits[layer] += len(ids) - len(miss)
         self.misses[layer] += len(miss)
-        self._clean = 0 if len(miss) else self._clean + 1
+        self.speculation.fetched(bool(len(miss)))
         if len(miss):
             victims = self.entries.victims(len(miss), keep=pos[pos >= 0])  # never evict what this fetch uses
-            self._rows = None  # the device copy of the positions is stale
             if self._readers:  # what reads the entries about to be overwritten must have run
                 mx.eval(*self._readers)
                 self._readers.clear()
@@ -126,57 +115,26 @@ class DeviceExpertCache:
         if bar is not None:
             bar.close()
         self.hits[:], self.misses[:] = counters
-        self._clean = 0
+        self.speculation.clean = 0
         return count
 
-    # ---- speculation ---------------------------------------------------------------------------
-
+    # Speculation (speculation.py) bets on this tier; these two are its switch and its test.
     @property
-    def speculating(self) -> bool:
-        """Inside a speculative token (between ``begin`` and ``end``)."""
-        return self._lookups is not None
+    def speculate(self) -> bool:
+        return self.speculation.enabled
+
+    @speculate.setter
+    def speculate(self, on: bool) -> None:
+        self.speculation.enabled = on
 
     def should_speculate(self) -> bool:
-        """True when a whole token's worth of synchronous fetches in a row found every expert cached."""
-        return self.speculate and self._clean >= self._moe_layers
-
-    def begin(self) -> None:
-        if self._rows is None:  # upload the positions table (after fills only)
-            table = mx.array(self.position.reshape(-1, self.num_experts).astype(np.int32))
-            self._rows = [table[layer] for layer in range(table.shape[0])]
-            mx.eval(self._rows)
-        self._lookups, self._layers = [], []
-
-    def positions(self, layer: int, inds: mx.array) -> mx.array:
-        """Cache positions of ``inds`` (device ids, no sync); absent experts read position 0 and void the token."""
-        found = mx.take(self._rows[layer], inds)
-        self._lookups.append(found)
-        self._layers.append(layer)
-        return mx.maximum(found, 0)
-
-    def end(self) -> mx.array | None:
-        """The token's lookups as one array, to evaluate with its logits and hand to ``commit``."""
-        lookups, self._lookups = self._lookups, None
-        return mx.stack([a.reshape(-1) for a in lookups]) if lookups else None
-
-    def commit(self, lookups: mx.array | None) -> bool:
-        """Whether the speculative token stands (every expert was cached); books its hits and uses."""
-        self.speculated += 1
-        if lookups is None:
-            return True
-        found = np.array(lookups)  # [layers, pairs], evaluated with the logits
-        if (found < 0).any():
-            self.voided += 1
-            self._clean = 0
-            return False
-        np.add.at(self.hits, self._layers, found.shape[1])
-        self.entries.touch(found.ravel())
-        return True
+        """True when a whole token's worth of synchronous fetches in a row found every expert here."""
+        return self.speculation.should()
 
     def totals(self) -> dict:
         h, m = int(self.hits.sum()), int(self.misses.sum())
         return {"hits": h, "misses": m, "hit_rate": h / max(h + m, 1), "resident": self.entries.resident,
-                "capacity": self.capacity, "bytes": self.nbytes, "speculated": self.speculated, "voided": self.voided}
+                "capacity": self.capacity, "bytes": self.nbytes, "speculated": self.speculation.speculated, "voided": self.speculation.voided}
 
 
 ExpertCache = DeviceExpertCache  # the name before the tiers had distinct words

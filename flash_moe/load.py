@@ -74,23 +74,7 @@ class LoadedModel:
         if tokens.ndim == 1:
             tokens = tokens[None]
         if self.cache is not None and cache is not None and tokens.shape[1] == 1 and self.cache.should_speculate():
-            return self._speculative_step(tokens, cache)
-        return self.model(tokens, cache)
-
-    def _speculative_step(self, tokens: mx.array, cache: list) -> mx.array:
-        """One token with no host sync per layer, betting that every expert it needs is in the device cache
-        (see expert_cache.py). A lost bet restores the caches and runs the token again, reading the misses."""
-        saved = [c.snapshot() for c in cache]
-        self.cache.begin()
-        try:
-            logits = self.model(tokens, cache)
-        finally:
-            lookups = self.cache.end()
-        mx.eval(logits, lookups)
-        if self.cache.commit(lookups):
-            return logits
-        for c, s in zip(cache, saved):
-            c.restore(s)
+            return self.cache.speculation.step(self.model, tokens, cache)  # see speculation.py
         return self.model(tokens, cache)
 
     def make_cache(self) -> list:

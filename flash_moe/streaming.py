@@ -12,32 +12,14 @@ import numpy as np
 
 from . import kernels
 from .expert_source import StoreSource
-from .experts import gather_mm, switch_glu
+from .experts import stacked_ffn
 from .layout import ExpertLayout
 
 
-def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
-    """Score-weighted SwiGLU of the experts in slot arrays (S, ...): x [N, D], inds/scores [N, K] -> [N, D]."""
-
-    def proj(name, h, idx, sorted_indices):
-        # Stored floats take the compute dtype, as the resident model's do at load: float32 scales
-        # must not promote a bfloat16 model's activations to float32.
-        cast = lambda a: a if a.dtype == h.dtype else a.astype(h.dtype)
-        w = arrays[f"{name}.weight"]
-        if not layout.quantized:
-            return gather_mm(h, cast(w), idx, sorted_indices)
-        return mx.gather_qmm(
-            h, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), rhs_indices=idx, transpose=True,
-            group_size=layout.group_size, bits=layout.bits, sorted_indices=sorted_indices,
-        )
-
-    return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
-
-
 def expert_compute(x, arrays: dict, inds, scores, layout: ExpertLayout):
-    """The fused Metal/CUDA kernels where the backend has them, else ``slot_ffn`` (MLX ops)."""
+    """The fused Metal/CUDA kernels where the backend has them, else ``stacked_ffn`` (MLX ops)."""
     if kernels.BACKEND == "ops" or not layout.quantized:
-        return slot_ffn(x, arrays, inds, scores, layout)
+        return stacked_ffn(x, arrays, inds, scores, layout.bits, layout.group_size)
     from .kernels.expert_ffn import expert_ffn
 
     return expert_ffn(x, arrays, inds, scores, bits=layout.bits, group_size=layout.group_size)
@@ -68,9 +50,9 @@ class StreamingExperts(nn.Module):
         self.prefetch = None
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        if getattr(self._source, "speculating", False):  # a speculative token: no sync
-            return expert_compute(x, self._source.arrays, self._source.positions(self._layer, inds), scores,
-                                  self._layout)
+        bet = getattr(self._source, "speculation", None)
+        if bet is not None and bet.active:  # a speculative token (speculation.py): no sync
+            return expert_compute(x, self._source.arrays, bet.positions(self._layer, inds), scores, self._layout)
         guess = self.prefetch.guess(self._layer, x) if self.prefetch is not None else None
         if guess is not None:
             mx.eval(inds, guess)  # one sync for both

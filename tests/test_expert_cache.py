@@ -161,7 +161,7 @@ def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
         cached(warm, cached.make_cache())
     for step in [tokens] + [mx.array(rng.integers(0, 200, (1, 1))) for _ in range(12)]:
         if force:
-            cached.cache._clean = 10**6  # bet even though experts are missing
+            cached.cache.speculation.clean = 10**6  # bet even though experts are missing
         a, b = cached(step, c1), resident(step, c2)
         err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
         assert err < MODEL_TOL, f"relative error {err:.2e} (capacity {capacity}, seed {seed}): {cached.cache.totals()}"

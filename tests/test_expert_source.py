@@ -38,7 +38,7 @@ def _run(model, tokens, decode, rng, force=False):
     out = [model(tokens, cache)]
     for _ in range(decode):
         if force and model.cache is not None:
-            model.cache._clean = 10**6  # bet even when experts are missing: voided tokens run again
+            model.cache.speculation.clean = 10**6  # bet even when experts are missing: voided tokens run again
         out.append(model(mx.array(rng.integers(0, 200, (1, 1))), cache))
     return out
 
