@@ -242,8 +242,9 @@ class PinnedSlotBuffers:
         rows, positions = np.asarray(rows, np.int64), np.asarray(positions, np.int64)
         if len(rows) != len(positions) or (len(rows) and (rows.min() < 0 or rows.max() >= self.capacity)):
             raise ValueError(f"scatter_rows: rows {rows.tolist()} for positions {positions.tolist()}")
-        source = self.cuda.device_pointer(self._allocs[0]) + self._host_ptrs[0] - self._allocs[0]
-        done = []
+        if not hasattr(self, "_mapped0"):
+            self._mapped0 = self.cuda.device_pointer(self._allocs[0]) + self._host_ptrs[0] - self._allocs[0]
+        source, done = self._mapped0, []
         for row, at in zip(rows.tolist(), positions.tolist()):
             # One slot seen as a set of its own: each tensor's offset moves to that slot's bytes.
             meta = [source] + [v for t, off in zip(self.layout.tensors, self._offsets) for v in (off + row * t.nbytes, t.nbytes)]

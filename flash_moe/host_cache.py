@@ -7,9 +7,9 @@ MLX-visible host buffers elsewhere (the CPU form, which the tests run; on Apple 
 this tier, so it stays off by default there). Its misses are read by the store straight into its buffers
 (``ExpertStore.read_into``, direct reads included).
 
-Prefetching: ``prefetch(layer, ids)`` reads guessed experts into this tier on a background thread while
+Prefetching: ``prefetch(layer, ids)`` reads guessed experts into this tier on background threads while
 the current layer computes; a guess never touches the device tier and never overwrites an entry that
-pending computation may still read. Every lookup first waits for the reads in flight.
+pending computation may still read. A lookup that finds a guess still being read waits for that read.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class HostExpertCache:
         self._fresh = np.zeros(capacity, bool)  # brought by a prefetch, not used yet
         self._handed = np.zeros(capacity, bool)  # handed out to computation not known to have run
         self._readers: list[mx.array] = []
-        self._inflight = None  # the prefetch reads running, a Future
-        self._thread = None
+        self._inflight: dict[int, object] = {}  # position -> Future of the guess being read into it
+        self._threads = None
+        self.prefetch_threads = 4  # one expert per thread: one thread alone reads far slower than a layer computes
 
     @property
     def nbytes(self) -> int:
@@ -68,25 +69,30 @@ class HostExpertCache:
             self._readers.clear()
         self._handed[:] = False
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            inflight, self._inflight = self._inflight, None
-            inflight.result()  # a failed read raises here, in the fetching thread
+    def _wait(self, positions=None) -> None:
+        """Wait for the guesses being read into ``positions`` (None: all)."""
+        at = list(self._inflight) if positions is None else [p for p in np.asarray(positions).tolist() if p in self._inflight]
+        for p in at:
+            self._inflight.pop(p).result()  # a failed read raises here, in the fetching thread
 
     def _ensure(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` (distinct, at most ``capacity``), reading the missing ones in."""
         if len(ids) > self.capacity:
             raise ValueError(f"layer {layer}: {len(ids)} experts requested, the host cache holds {self.capacity}")
-        self._wait()
         pos = self.entries.lookup(layer, ids)
         miss = np.nonzero(pos < 0)[0]
         self.hits[layer] += len(ids) - len(miss)
         self.misses[layer] += len(miss)
         found = pos[pos >= 0]
+        self._wait(found)  # a guess still being read in: wait for it (the others read on)
         self.prefetch_used += int(self._fresh[found].sum())
         self._fresh[found] = False
         if len(miss):
-            victims = self.entries.victims(len(miss), keep=found)
+            keep = np.union1d(found, np.fromiter(self._inflight, np.int64, len(self._inflight)))
+            if self.capacity - len(keep) < len(miss):  # too few entries free of reads in flight: let them land
+                self._wait()
+                keep = found
+            victims = self.entries.victims(len(miss), keep=keep)
             self._settle()
             self.entries.place(layer, ids[miss], victims)
             self._fresh[victims] = False
@@ -120,7 +126,6 @@ class HostExpertCache:
         ids = ids[self.entries.lookup(layer, ids) < 0]
         if skip is not None:
             ids = ids[skip.lookup(layer, ids) < 0]
-        self._wait()
         keep = np.flatnonzero(self._handed | self._fresh)  # never overwrite what may be read, or an unused guess
         ids = ids[: max(0, self.capacity - len(keep))]
         if not len(ids):
@@ -129,10 +134,11 @@ class HostExpertCache:
         self.entries.place(layer, ids, victims)
         self.entries.last[victims] = self.entries.tick  # a guess ranks as recent, with no uses
         self._fresh[victims] = True
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="flash-moe-prefetch")
-        # In the prefetch thread, not on the store's readers: demand reads never queue behind a guess.
-        self._inflight = self._thread.submit(self._guess_read, layer, ids, victims)
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="flash-moe-prefetch")
+        # On threads of its own, not the store's readers: demand reads never queue behind a guess.
+        for e, v in zip(ids.tolist(), victims.tolist()):
+            self._inflight[v] = self._threads.submit(self._guess_read, layer, [e], [v])
         self.prefetched += len(ids)
         return len(ids)
 
@@ -162,8 +168,8 @@ class HostExpertCache:
 
     def close(self) -> None:
         self._wait()
-        if self._thread is not None:
-            self._thread.shutdown()
+        if self._threads is not None:
+            self._threads.shutdown()
         self._settle()
         self.buffers.close()
 
