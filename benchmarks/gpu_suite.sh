@@ -44,7 +44,7 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     # 11% of the experts, host 26%, the page cache capped near zero after load (so it is no third tier);
     # its baseline (page cache as the RAM tier) is tier24_page. The H200 box: device 55%, the rest in RAM.
     tests_tiers) step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_source.py tests/test_expert_cache.py ;;
-    tiers_probe) step $s python3 -c "from flash_moe.load import host_capacity, cache_capacity; from flash_moe.layout import ModelLayout; l = ModelLayout.read('$M'); d = cache_capacity('auto', l); print('auto device', d, 'auto host', host_capacity('auto', l, d))" ;;
+    tiers_probe) step $s python3 -c "from flash_moe.load import host_capacity, cache_capacity; from flash_moe.layout import ModelLayout; l = ModelLayout.read('$M'); d = cache_capacity('auto', l); print('auto device', d, 'auto host', host_capacity('auto', l))" ;;
     tier24_page) step $s $D --k 4 --cold --cap-fraction 0.26 --cache-experts 0.11 --no-direct --warm-prompt 512 --json "$OUT/$s.json" ;;
     tier24_direct) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --direct --prefetch off --warm-prompt 512 --json "$OUT/$s.json" ;;
     tier24_direct_prefetch) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --direct --prefetch on --warm-prompt 512 --json "$OUT/$s.json" ;;

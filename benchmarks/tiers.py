@@ -104,14 +104,30 @@ def replay(layers, inds, num_experts: int, device: int, host: int, policy: str) 
         "disk_share": (asks[-1] - hits[-1]) / max(total, 1) if tiers else 1.0}
 
 
+def runtime(folder: Path, tokens: np.ndarray, device, host, prefetch: bool) -> dict:
+    """The real tiers decoding ``tokens`` one at a time (teacher-forced): their hit and miss counts."""
+    model = flash_moe.load(folder, dtype="float32", cache_experts=device, host_cache=host, prefetch=prefetch)
+    if model.cache is not None:
+        model.cache.speculate = False  # every token fetches: the counts are the tiers'
+    cache = model.make_cache()
+    for t in tokens:
+        mx.eval(model(mx.array([[int(t)]]), cache))
+    totals = model.tier_totals()
+    model.close()
+    keep = ("hits", "misses", "hit_rate", "capacity", "prefetched", "prefetch_used")
+    return {tier: {k: v for k, v in t.items() if k in keep} for tier, t in totals.items() if tier != "store"} | {
+        "disk_reads": totals["store"]["experts"]}
+
+
 def load_model(name: str, tokens: int, seed: int):
     if name == "demo":
         from flash_moe.demo import build
 
-        model = flash_moe.load(build(progress=False, out=io.StringIO()), stream=False, dtype="float32")
+        folder = build(progress=False, out=io.StringIO())
+        model = flash_moe.load(folder, stream=False, dtype="float32")
         text = (Path(flash_moe.__file__).parent / "data" / "sample.txt").read_text()
         ids = np.array(model.tokenizer.encode(text)[:tokens])
-        return model, ids
+        return model, ids, folder
     from flash_moe.synthetic import QWEN35_SKEW, qwen35_397b_config, write_synthetic
 
     config = qwen35_397b_config(num_layers=6, vocab_size=1024)
@@ -121,7 +137,7 @@ def load_model(name: str, tokens: int, seed: int):
     folder = Path(tempfile.mkdtemp()) / "synthetic"
     write_synthetic(folder, config, bits=4, seed=seed, skew=QWEN35_SKEW, progress=False)
     model = flash_moe.load(folder, stream=False, dtype="float32")
-    return model, np.random.default_rng(seed).integers(0, 1024, tokens)
+    return model, np.random.default_rng(seed).integers(0, 1024, tokens), folder
 
 
 def main(argv=None):
@@ -129,9 +145,11 @@ def main(argv=None):
     p.add_argument("--model", choices=("demo", "synthetic"), default="demo")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runtime-tokens", type=int, default=256,
+                   help="also decode this many tokens through the real tiers, prefetch off and on (0: skip)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    model, tokens = load_model(args.model, args.tokens, args.seed)
+    model, tokens, folder = load_model(args.model, args.tokens, args.seed)
     layers, xs, inds = record(model, tokens)
     E, K = model.config.num_experts, model.config.num_experts_per_tok
     result = {"model": args.model, "tokens": len(tokens), "experts": E, "k": K, "moe_layers": len(layers),
@@ -140,6 +158,12 @@ def main(argv=None):
     for box, (dev, host) in BOXES.items():
         for policy in ("frequency", "lru"):
             result["policies"][f"{box}/{policy}"] = replay(layers, inds, E, round(dev * total), round(host * total), policy)
+    if args.runtime_tokens:
+        result["runtime"] = {}
+        for box, (dev, host) in BOXES.items():
+            for prefetch in (False, True):
+                result["runtime"][f"{box}/prefetch={prefetch}"] = runtime(
+                    folder, tokens[: args.runtime_tokens], dev, "all" if host >= 1 else host, prefetch)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

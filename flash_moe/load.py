@@ -276,17 +276,17 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
     return max(1, min(n, total))
 
 
-def host_capacity(spec, layout: ModelLayout, device: int = 0) -> int:
+def host_capacity(spec, layout: ModelLayout) -> int:
     """Experts a HostExpertCache should hold: ``spec`` is a fraction in (0, 1) of all the model's experts,
     "all", bytes (an integer >= 1, or a string such as "24GB" / "24GiB"), or "auto": on a discrete GPU (MLX's
     CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere none (on Apple and the CPU the
-    page cache is the RAM tier). Never more than the experts the device tier (``device``) leaves out."""
+    page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
+    the page cache would): "all" holds every expert."""
     total = len(layout.moe_layers) * layout.num_experts
-    left = max(0, total - device)
     if spec in (None, 0, "0", False, "off"):
         return 0
     if spec == "all":
-        return left
+        return total
     if spec == "auto":
         from . import kernels
 
@@ -294,7 +294,7 @@ def host_capacity(spec, layout: ModelLayout, device: int = 0) -> int:
             return 0
         info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
         free, ram = (int(info[k].split()[0]) << 10 for k in ("MemAvailable", "MemTotal"))
-        return min(left, max(0, free - max(8 << 30, ram // 8)) // layout.expert.expert_bytes)
+        return min(total, max(0, free - max(8 << 30, ram // 8)) // layout.expert.expert_bytes)
     bad = f"host_cache must be a fraction in (0, 1), bytes (e.g. 24GB), 'all' or 'auto', got {spec!r}"
     text = str(spec).strip().upper()
     units = {"GIB": 1 << 30, "MIB": 1 << 20, "GB": 10**9, "MB": 10**6, "G": 1 << 30, "M": 1 << 20, "": 1}
@@ -306,7 +306,7 @@ def host_capacity(spec, layout: ModelLayout, device: int = 0) -> int:
     if value <= 0 or (not unit and value != int(value) and value >= 1):
         raise ValueError(bad)
     n = round(value * total) if not unit and value < 1 else int(value * units[unit]) // layout.expert.expert_bytes
-    return max(1, min(n, left)) if left else 0
+    return max(1, min(n, total)) if total else 0
 
 
 def host_buffers(layout: ModelLayout):
@@ -380,7 +380,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         cached = cache_capacity(cache_experts, layout)
         if parallel is not None:  # a rank caches only what it owns
             cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
-        hosted = 0 if parallel is not None else host_capacity(host_cache, layout, cached)
+        hosted = 0 if parallel is not None else host_capacity(host_cache, layout)
         if direct_io == "auto":  # around the page cache only when a tier of our own is the cache tier
             direct_io = bool(cached or hosted) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,

@@ -131,7 +131,7 @@ def test_host_capacity_specs(tmp_path, seed):
     layout = ModelLayout.read(_tiny_model(tmp_path, seed))
     per = layout.expert.expert_bytes
     assert host_capacity(0, layout) == 0 and host_capacity("off", layout) == 0
-    assert host_capacity(0.25, layout) == 16 and host_capacity("all", layout, device=10) == 54
+    assert host_capacity(0.25, layout) == 16 and host_capacity("all", layout) == 64
     assert host_capacity(str(10 * per), layout) == 10 and host_capacity(10 * per + 1, layout) == 10
     assert host_capacity(f"{10 * per / 2**20}MiB", layout) == 10
     assert host_capacity("auto", layout) == (0 if not CUDA else host_capacity("auto", layout))
