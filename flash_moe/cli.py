@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from . import __version__
+from .layout import FLOAT_DTYPES
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert bits (16 = unquantized; default 4, or an MLX-quantized source's own)")
     p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
                    help="quantization group size (default 64, or an MLX-quantized source's own)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
                    help="dtype of scales/biases and of unquantized weights (default bfloat16, or an MLX-quantized "
                         "source's scales' dtype)")
     p.add_argument("--resident-bits", type=int, default=None, choices=(4, 8),

@@ -27,13 +27,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernels
-from .layout import ExpertLayout, mlx_dtype, numpy_dtype
+from .layout import DIRECT_ALIGN, ExpertLayout, mlx_dtype, numpy_dtype
 
 _HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2
 _MEMCPY_HOST_TO_DEVICE = 1
 _STREAM_NON_BLOCKING = 1
 _ALIGN = 256
-_PAGE = 4096
 _PULL_THREADS = 65536
 
 
@@ -148,9 +147,9 @@ class PinnedSlotBuffers:
             for _ in range(num_sets):
                 # cudaHostAlloc suballocates small requests (seen: ...6200); O_DIRECT reads want page-aligned
                 # destinations (ExpertStore(direct=True)), so each set starts on the next page.
-                raw = self.cuda.host_alloc(self.set_bytes + _PAGE)
+                raw = self.cuda.host_alloc(self.set_bytes + DIRECT_ALIGN)
                 self._allocs.append(raw)
-                host = raw + (-raw % _PAGE)
+                host = raw + (-raw % DIRECT_ALIGN)
                 self._host_ptrs.append(host)
                 if upload == "mapped":
                     source = self.cuda.device_pointer(raw) + host - raw

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .files import CheckpointError, open_regular
-from .layout import ModelLayout, expert_checksum
+from .layout import DIRECT_ALIGN, ModelLayout, expert_checksum
 from .slots import HostSlotBuffers, SlotSet
 
 # Without RWF_NOWAIT (macOS, or a filesystem that refuses it) a read counts as a page-cache hit when one
@@ -198,7 +198,6 @@ def _chunks(iov: list[memoryview], size: int) -> list[tuple[int, list[memoryview
 
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-DIRECT_ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths on the device's logical block: 4 KiB covers all
 
 
 def direct_supported() -> bool:
