@@ -338,13 +338,13 @@ def main():
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
                  read_chunk=args.read_chunk_kib << 10, direct_io=direct_io, host_cache=args.host_cache,
                  prefetch={"auto": "auto", "on": True, "off": False}[args.prefetch])
-    if model.cache is not None and args.no_speculate:
-        model.cache.speculate = False
-    if (model.cache is not None or model.host_cache is not None) and args.preload:
+    if model.device_cache is not None and args.no_speculate:
+        model.device_cache.speculate = False
+    if (model.device_cache is not None or model.host_cache is not None) and args.preload:
         from flash_moe.host_cache import preload_tiers
 
         start = time.perf_counter()
-        n = preload_tiers(model.store, model.cache, model.host_cache)
+        n = preload_tiers(model.store, model.device_cache, model.host_cache)
         print(f"preloaded {n} experts into the device/host tiers in {time.perf_counter() - start:.1f} s")
     h2d = host_to_device_gbps(model)
     if args.cap_fraction is not None:
@@ -357,7 +357,7 @@ def main():
     if args.warm_prompt:
         pre = decode_trial(model, args.warm_prompt, 2, seed=1)
         print(f"warm-up prefill of {args.warm_prompt} tokens: {pre['prompt_tps']:.1f} tok/s, read {pre['io']['experts']} experts"
-              + (f"; device cache {model.cache.totals()}" if model.cache is not None else ""))
+              + (f"; device cache {model.device_cache.totals()}" if model.device_cache is not None else ""))
     trials = []
     tiers_before = model.tier_totals()
     for t in range(args.num_trials):
@@ -374,8 +374,8 @@ def main():
     result["direct_io"] = model.store.direct
     print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB; "
           f"expert reads {'with O_DIRECT' if model.store.direct else 'through the page cache'}")
-    if model.cache is not None:
-        result["device_cache"] = model.cache.totals()
+    if model.device_cache is not None:
+        result["device_cache"] = model.device_cache.totals()
         print(f"device expert cache: {result['device_cache']}")
 
     if args.profile:
@@ -411,7 +411,7 @@ def main():
           f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {1e3 * io['seconds']:.1f} ms; "
           f"I/O bound {bound_ms:.1f} ms (= missed / {disk['gb_per_s']:.2f} GB/s + {compute_ms:.1f} ms not reading) vs "
           f"{gen_ms:.1f} ms measured: ratio {bound_ms / gen_ms:.2f}")
-    if model.cache is not None or model.host_cache is not None:
+    if model.device_cache is not None or model.host_cache is not None:
         tiered_bound(args, result, layout, tiers_before, tiers_after, tokens, gen_ms, h2d, disk["gb_per_s"])
 
     finish(folder, args, result, avg, "flash_moe")

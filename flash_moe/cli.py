@@ -87,12 +87,12 @@ def _loading_notes(args, model) -> None:
         print(f"flash-moe: note: {', '.join(asked)} do nothing here: this folder is not converted, its experts "
               "are all in memory", file=sys.stderr)
     where = {"cuda": "on this CUDA GPU", "metal": "with Apple's unified memory"}.get(BACKEND, "with MLX on the CPU")
-    if model.store is not None and model.cache is None and args.preload:
+    if model.store is not None and model.device_cache is None and args.preload:
         print(f"flash-moe: note: --preload does nothing here: there is no device expert cache (--cache-experts "
               f"{args.cache_experts} keeps none {where})", file=sys.stderr)
-    elif model.cache is not None and BACKEND != "cuda" and args.cache_experts not in ("auto", "0"):
+    elif model.device_cache is not None and BACKEND != "cuda" and args.cache_experts not in ("auto", "0"):
         print(f"flash-moe: note: there is no separate GPU memory {where}: --cache-experts keeps "
-              f"{model.cache.capacity} experts in RAM beside the page cache, which already holds them once read",
+              f"{model.device_cache.capacity} experts in RAM beside the page cache, which already holds them once read",
               file=sys.stderr)
 
 

@@ -295,5 +295,5 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     fargs = FamilyArgs(config["model_type"], e.hidden, len(model.layers), layout.num_experts, k,
                        getattr(model.args, "vocab_size", config.get("vocab_size")), config.get("eos_token_id"))
     loaded = FamilyModel(model, config, path, store, fargs)
-    loaded.cache = cache
+    loaded.device_cache = cache
     return loaded

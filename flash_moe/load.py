@@ -37,22 +37,26 @@ class LoadedModel:
         self.raw_config = config
         self.path = path
         self.store = store
-        self.cache = None  # the DeviceExpertCache (GPU tier), when one was asked for
+        self.device_cache = None  # the DeviceExpertCache (GPU tier), when one was asked for
         self.host_cache = None  # the HostExpertCache (RAM tier), when one was asked for
         self.prefetcher = None  # the prefetch.Prefetcher, when prefetching
         self.parallel = None  # expert-parallel runs: this rank's distributed.Parallel (group, expert owners)
         self._tokenizer = None
 
     @property
-    def device_cache(self):
-        """The GPU tier (``self.cache``'s distinct name; the KV/GDN state is the prompt cache)."""
-        return self.cache
+    def cache(self):
+        """``device_cache``'s former name (the word "cache" alone now means the prompt cache: KV/GDN state)."""
+        return self.device_cache
+
+    @cache.setter
+    def cache(self, tier) -> None:
+        self.device_cache = tier
 
     def tier_totals(self) -> dict:
         """Hits and misses per memory tier (device, host) and the store's reads."""
         out = {}
-        if self.cache is not None:
-            out["device"] = self.cache.totals()
+        if self.device_cache is not None:
+            out["device"] = self.device_cache.totals()
         if self.host_cache is not None:
             out["host"] = self.host_cache.totals()
         if self.store is not None:
@@ -73,8 +77,9 @@ class LoadedModel:
         """``self(tokens, cache)`` without the id check, for callers whose ids are known to be in range."""
         if tokens.ndim == 1:
             tokens = tokens[None]
-        if self.cache is not None and cache is not None and tokens.shape[1] == 1 and self.cache.should_speculate():
-            return self.cache.speculation.step(self.model, tokens, cache)  # see speculation.py
+        tier = self.device_cache
+        if tier is not None and cache is not None and tokens.shape[1] == 1 and tier.should_speculate():
+            return tier.speculation.step(self.model, tokens, cache)  # see speculation.py
         return self.model(tokens, cache)
 
     def make_cache(self) -> list:
@@ -281,7 +286,8 @@ def host_capacity(spec, layout: ModelLayout) -> int:
     "all", bytes (an integer >= 1, or a string such as "24GB" / "24GiB"), or "auto": on a discrete GPU (MLX's
     CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere none (on Apple and the CPU the
     page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
-    the page cache would): "all" holds every expert."""
+    the page cache would): "all" holds every expert. load() skips an "auto" host tier when the device tier
+    holds every expert already."""
     total = len(layout.moe_layers) * layout.num_experts
     if spec in (None, 0, "0", False, "off"):
         return 0
@@ -380,7 +386,8 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         cached = cache_capacity(cache_experts, layout)
         if parallel is not None:  # a rank caches only what it owns
             cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
-        hosted = 0 if parallel is not None else host_capacity(host_cache, layout)
+        everything = cached >= len(layout.moe_layers) * layout.num_experts  # the device tier holds every expert
+        hosted = 0 if parallel is not None or (everything and host_cache == "auto") else host_capacity(host_cache, layout)
         if direct_io == "auto":  # around the page cache only when a tier of our own is the cache tier
             direct_io = bool(cached or hosted) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
@@ -405,7 +412,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     loaded = LoadedModel(model, config, path, store)
-    loaded.cache, loaded.host_cache, loaded.parallel = cache, host, parallel
+    loaded.device_cache, loaded.host_cache, loaded.parallel = cache, host, parallel
     if host is not None and (prefetch_default() if prefetch == "auto" else prefetch):
         loaded.prefetcher = attach_prefetcher(model, host, cache)
     return loaded
@@ -476,9 +483,9 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
         loaded.set_experts_per_token(experts_per_token)
-    if preload and (loaded.cache is not None or getattr(loaded, "host_cache", None) is not None):
+    device, host = loaded.device_cache, loaded.host_cache
+    if preload and (device is not None or host is not None):
         from .host_cache import preload_tiers
 
-        preload_tiers(loaded.store, loaded.cache, getattr(loaded, "host_cache", None), loaded.cache and loaded.cache.owned,
-                      progress=True)
+        preload_tiers(loaded.store, device, host, device and device.owned, progress=True)
     return loaded

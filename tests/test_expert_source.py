@@ -138,3 +138,51 @@ def test_host_capacity_specs(tmp_path, seed):
     for bad in ("lots", -1, 1.5):
         with pytest.raises(ValueError, match="host_cache"):
             host_capacity(bad, layout)
+
+
+def test_preload_fills_both_tiers_most_used_first(tmp_path, seed):
+    """preload: the most used experts into the device tier, the next into the host tier; decoding then reads
+    nothing from disk when the two hold every expert; the counters describe decoding only."""
+    path = _tiny_model(tmp_path, seed)
+    rng = np.random.default_rng(seed)
+    usage = rng.integers(0, 50, (4, 16))  # usage counts to rank by (as a run before would have left them)
+    model = flash_moe.load(path, dtype="float32", slots=4, cache_experts=16, host_cache="all", prefetch=False)
+    model.store.stats.usage[:] = usage
+    cache = model.make_cache()
+    from flash_moe.host_cache import preload_tiers
+
+    before = model.tier_totals()
+    assert preload_tiers(model.store, model.cache, model.host_cache) > 0
+    after = model.tier_totals()
+    assert all(after[t][k] == before[t][k] for t in ("device", "host") for k in ("hits", "misses")), (before, after)
+    assert after["device"]["resident"] == 16 and after["host"]["resident"] == 64
+    for l in model.store.layout.moe_layers:  # rank by rank across layers: each layer's most used 16 / 4
+        held = np.array([model.cache.entries.lookup(l, [e])[0] >= 0 for e in range(16)])
+        assert held.sum() == 4 and usage[l][held].min() >= usage[l][~held].max(), (l, usage[l], held)
+    reads = model.store.stats.totals()["experts"]
+    model(mx.array(rng.integers(0, 200, (1, 9))), cache)
+    for _ in range(6):
+        model(mx.array(rng.integers(0, 200, (1, 1))), cache)
+    assert model.store.stats.totals()["experts"] == reads, "a preloaded pair of tiers read from disk"
+
+
+def test_decode_benchmark_prints_tiered_bound(tmp_path, seed):
+    """benchmarks/decode.py with both tiers and prefetch: the tiered-memory bound, with per-tier counts."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _tiny_model(tmp_path, seed)
+    out = tmp_path / "r.json"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "decode.py"), "--model", str(path), "-p", "8",
+                          "-g", "6", "-n", "1", "--cache-experts", "8", "--host-cache", "0.5", "--prefetch", "on",
+                          "--disk-gbps", "1.0", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tiered-memory bound" in run.stdout, run.stdout[-2000:]
+    bound = json.loads(out.read_text())["tiered_bound"]
+    p = bound["per_token"]
+    assert bound["disk_gb_per_s"] == 1.0 and bound["disk_source"] == "--disk-gbps" and bound["host_to_device_gb_per_s"] > 0
+    assert p["host_hits"] >= 0 and p["disk_reads"] >= 0 and p["prefetched"] > 0, bound
