@@ -171,13 +171,22 @@ def tiered_bound(args, result: dict, layout, before: dict, after: dict, tokens: 
            "host_to_device_gb_per_s": h2d, "disk_gb_per_s": gbps, "disk_source": source, "read_ms": 1e3 * read_s,
            "copy_ms": 1e3 * copy_s, "not_reading_ms": not_reading, "bound_ms": bound, "actual_ms": gen_ms,
            "ratio": bound / gen_ms if gen_ms else float("nan"), "tiers": after}
+    # Projected: every per-layer cost scales with the MoE layers (reads, copies and compute alike), and the
+    # disk reads go to a disk of --project-disk-gbps; the hit rates are this run's (synthetic routing: a floor).
+    scale = args.project_layers / max(len(layout.moe_layers), 1)
+    projected = scale * (1e3 * (host_hits * eb / (h2d * 1e9) if h2d else 0.0)
+                         + 1e3 * disk_reads * eb / (args.project_disk_gbps * 1e9) + not_reading)
+    out["projected"] = {"layers": args.project_layers, "disk_gb_per_s": args.project_disk_gbps, "ms": projected,
+                        "tok_per_s": 1e3 / projected if projected else float("nan")}
     result["tiered_bound"] = out
     p = out["per_token"]
-    print(f"tiers per token: {p['device_hits']:.1f} device hits, {host_hits:.1f} host hits, {disk_reads:.1f} disk reads"
-          f" ({p['prefetched']:.1f} guessed, {p['prefetch_used']:.1f} of them used); host->device "
+    print(f"tiers per token: {p['device_hits']:.1f} device hits, {host_hits:.1f} host hits, {disk_reads:.1f} disk reads waited for"
+          f" (+{p['prefetched']:.1f} guessed on the side, {p['prefetch_used']:.1f} of them used); host->device "
           f"{h2d or float('nan'):.1f} GB/s, disk {gbps:.2f} GB/s ({source})")
     print(f"tiered-memory bound {bound:.1f} ms (= host hits x {eb / 1e6:.2f} MB / host->device + disk reads / disk + "
           f"{not_reading:.1f} ms not reading) vs {gen_ms:.1f} ms measured: ratio {out['ratio']:.2f}")
+    print(f"projected to {args.project_layers} MoE layers with a {args.project_disk_gbps:g} GB/s disk (this run's "
+          f"per-tier miss rates): {projected:.1f} ms/token = {out['projected']['tok_per_s']:.2f} tok/s")
 
 
 def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
@@ -292,6 +301,9 @@ def main():
                    help="read the next layer's guessed experts into the host cache while a layer computes")
     p.add_argument("--disk-gbps", type=float, default=None,
                    help="disk bandwidth for the tiered bound (default: disk_ceiling() when present, else the pread test)")
+    p.add_argument("--project-layers", type=int, default=60,
+                   help="the tiered bound projected to this many MoE layers (the 397B model has 60) ...")
+    p.add_argument("--project-disk-gbps", type=float, default=7.0, help="... and a disk of this bandwidth (NVMe: 7)")
     p.add_argument("--no-speculate", action="store_true",
                    help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
     p.add_argument("--preload", action="store_true", help="with --cache-experts: fill the device cache before decoding")
