@@ -369,7 +369,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
                              f"(model_type {config.get('model_type')!r}); pass group=None to run each process alone")
         return load_family(path, config, dtype=dtype, slots=slots, threads=threads, stream=stream,
                            cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
-                           verify=verify)
+                           verify=verify, host_cache=host_cache)
     args = model_args(config, path)
     layout = ModelLayout.read(path)
     resident = path / "resident.safetensors"
