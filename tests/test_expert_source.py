@@ -15,7 +15,7 @@ from flash_moe.host_cache import HostExpertCache
 from flash_moe.layout import ExpertLayout
 from flash_moe.store import ExpertStore
 from tests.conftest import seed_note
-from tests.test_expert_cache import MODEL_TOL, _bytes, _packed, _tiny_model
+from tests.test_expert_cache import MODEL_TOL, slot_bytes, packed_layers, tiny_model
 
 CUDA = kernels.BACKEND == "cuda"
 # (device tier, host tier, speculate, prefetch): capacities in experts of the 4 x 16 = 64 of the tiny model
@@ -48,7 +48,7 @@ def test_tiers_equal_resident(tmp_path, seed, name):
     device, host, speculate, prefetch = CONFIGS[name]
     if CUDA and host and not device:
         pytest.skip("on CUDA the pinned host tier serves a device tier")
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     tiered = flash_moe.load(path, dtype="float32", slots=4, cache_experts=device, host_cache=host / 64 if host else 0,
                             prefetch=prefetch)
     resident = flash_moe.load(path, dtype="float32", stream=False)
@@ -81,7 +81,7 @@ def test_host_cache_holds_requested_experts(tmp_path, seed, policy):
     rng = np.random.default_rng(seed)
     layout = ExpertLayout(128, 64, 4, 64, "bfloat16")
     E, layers = 16, [0, 2, 3]
-    data = _packed(tmp_path, layout, E, layers, rng)
+    data = packed_layers(tmp_path, layout, E, layers, rng)
     with ExpertStore(tmp_path, capacity=3) as store:
         host = HostExpertCache(store, 9, policy=policy)
         for step in range(150):
@@ -94,7 +94,7 @@ def test_host_cache_holds_requested_experts(tmp_path, seed, policy):
             for i, e in enumerate(ids):
                 for t in layout.tensors:
                     want = data[layer][e, t.offset : t.offset + t.nbytes]
-                    assert np.array_equal(_bytes(arrays[t.name][int(pos[i])]), want), \
+                    assert np.array_equal(slot_bytes(arrays[t.name][int(pos[i])]), want), \
                         f"step {step} expert {e} {seed_note(seed)}"
             host.consumed_by(*[a[mx.array(pos)] for a in arrays.values()])
         t = host.totals()
@@ -128,7 +128,7 @@ def test_host_capacity_specs(tmp_path, seed):
     from flash_moe.layout import ModelLayout
     from flash_moe.load import host_capacity
 
-    layout = ModelLayout.read(_tiny_model(tmp_path, seed))
+    layout = ModelLayout.read(tiny_model(tmp_path, seed))
     per = layout.expert.expert_bytes
     assert host_capacity(0, layout) == 0 and host_capacity("off", layout) == 0
     assert host_capacity(0.25, layout) == 16 and host_capacity("all", layout) == 64
@@ -143,7 +143,7 @@ def test_host_capacity_specs(tmp_path, seed):
 def test_preload_fills_both_tiers_most_used_first(tmp_path, seed):
     """preload: the most used experts into the device tier, the next into the host tier; decoding then reads
     nothing from disk when the two hold every expert; the counters describe decoding only."""
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     rng = np.random.default_rng(seed)
     usage = rng.integers(0, 50, (4, 16))  # usage counts to rank by (as a run before would have left them)
     model = flash_moe.load(path, dtype="float32", slots=4, cache_experts=16, host_cache="all", prefetch=False)
@@ -173,7 +173,7 @@ def test_decode_benchmark_prints_tiered_bound(tmp_path, seed):
     import sys
     from pathlib import Path
 
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     out = tmp_path / "r.json"
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "decode.py"), "--model", str(path), "-p", "8",
