@@ -146,6 +146,26 @@ def bench_launch_shapes(args, slots, rng):
         kernels.WARPS, kernels.ROWS = saved
 
 
+def bench_split_shapes(args, slots, bandwidth, rng):
+    """Issue 20's launch shapes at N = 1: gate/up input split x down expert groups; (1, 1) is the old shape."""
+    print("\n== fused kernels at N = 1: gate/up input split x down expert groups (1 x 1 = the old shape) ==")
+    print(f"{'split':>5} {'groups':>6} {'K=4 us':>8} {'/floor':>7} {'K=10 us':>8} {'/floor':>7}")
+    saved = kernels.GATE_UP_SPLIT, kernels.DOWN_GROUPS
+    routes = {k: routing(rng, args.rotations, 1, k) for k in (4, 10)}
+    try:
+        for split, groups in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 5), (2, 2), (4, 2), (4, 5), (8, 5)]:
+            kernels.GATE_UP_SPLIT, kernels.DOWN_GROUPS = split, groups
+            t, floor = {}, {}
+            for k, (inds, xs, scores, distinct) in routes.items():
+                t[k], _ = timed(lambda j: expert_ffn(xs[j], slots, inds[j], scores[j], bits=BITS, group_size=GS),
+                                args.layers, args.repeats, args.rotations)
+                floor[k] = distinct * EXPERT_BYTES / bandwidth
+            print(f"{split:>5} {groups:>6} {t[4] * 1e6:8.1f} {t[4] / floor[4]:7.2f} {t[10] * 1e6:8.1f} {t[10] / floor[10]:7.2f}",
+                  flush=True)
+    finally:
+        kernels.GATE_UP_SPLIT, kernels.DOWN_GROUPS = saved
+
+
 def bench_pinned(args, rng):
     from flash_moe.cuda_host import PinnedSlotBuffers
 
@@ -249,6 +269,8 @@ def main():
     parser.add_argument("--rotations", type=int, default=64, help="distinct routing/input sets cycled through")
     parser.add_argument("--experts", type=int, default=E, help="experts resident (512 in the model)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep")
+    parser.add_argument("--shapes", action="store_true",
+                        help="only the resident table and issue 20's split/groups launch shapes (old vs new)")
     parser.add_argument("--profile", action="store_true", help="the run for ncu (see docs/kernels.md)")
     parser.add_argument("--summarize", metavar="NCU_CSV", help="print the table from ncu's --csv log")
     args = parser.parse_args()
@@ -263,6 +285,8 @@ def main():
     print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s ({how}, read + write)")
     slots = make_experts(E)
     bench_resident(args, slots, bandwidth, rng)
+    if args.shapes:
+        return bench_split_shapes(args, slots, bandwidth, rng)
     if not args.no_sweep:
         bench_launch_shapes(args, slots, rng)
     if kernels.BACKEND == "cuda":

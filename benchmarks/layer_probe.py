@@ -38,8 +38,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--preload", action="store_true",
+                   help="every expert in the device cache, and a whole speculative decode token timed per layer")
     args = p.parse_args()
-    model = load(args.model, experts_per_token=args.k, cache_experts=1024)
+    model = load(args.model, experts_per_token=args.k, cache_experts="all" if args.preload else 1024,
+                 preload=args.preload)
     layers = model.model.layers
     gdn = next(i for i, l in enumerate(layers) if l.is_linear)
     full = next(i for i, l in enumerate(layers) if not l.is_linear)
@@ -72,7 +75,15 @@ def main():
     row("chain of 64 ops / 64", lambda: chain(64)(), "per-op cost: divide by 64")
     L = layers[gdn]
     xn = L.input_layernorm(x)
-    row("GDN mixer", lambda: L.linear_attn(xn, cache[gdn]))
+    from flash_moe.layers import gated_delta
+
+    fused = gated_delta.FUSED_DECODE
+    for on in (False, True):  # the composed decode path, then kernels/gated_delta_decode (issue 20)
+        gated_delta.FUSED_DECODE = on
+        what = "fused kernel" if on else "composed"
+        row(f"GDN mixer, {what}", lambda: L.linear_attn(xn, cache[gdn]))
+        row(f"GDN decoder layer, {what}", lambda: L(x, cache[gdn]))
+    gated_delta.FUSED_DECODE = fused
     row("GDN in_proj_qkv (qmm)", lambda: L.linear_attn.in_proj_qkv(xn))
     h = L.post_attention_layernorm(x)
     row("router (gate + route)", lambda: L.mlp.gate(h.reshape(1, D)))
@@ -88,7 +99,6 @@ def main():
     row("router + host sync + upload", sync)
     row("shared expert MLP", lambda: L.mlp.shared_expert(h.reshape(1, D)))
     row("MoE block (cache hits)", lambda: L.mlp(h))
-    row("GDN decoder layer", lambda: L(x, cache[gdn]))
     F = layers[full]
     row("attention mixer", lambda: F.self_attn(F.input_layernorm(x), cache[full]))
     small = np.arange(args.k, dtype=np.int32)
@@ -104,6 +114,18 @@ def main():
         c = model.make_cache()
         return model(tok, c)
     row("whole model, 1 token (fresh cache)", token)
+    if args.preload:  # one graph per token, no per-layer sync: what decode pays per layer
+        c = model.make_cache()
+        model.forward(mx.array([[1, 2, 3, 4]], dtype=mx.int32), c)
+        mx.eval([s.state for s in c])
+        for on in (False, True):
+            gated_delta.FUSED_DECODE = on
+            for _ in range(2 * len(layers)):  # enough clean synchronous tokens for the cache to speculate
+                mx.eval(model.forward(tok, c))
+            t = timed(lambda: model.forward(tok, c))
+            print(f"{'speculative token / layer, ' + ('fused GDN' if on else 'composed GDN'):34s} {t / len(layers):9.1f}"
+                  f"  ({t:.0f} us a token over {len(layers)} layers; speculated {model.cache.speculated})", flush=True)
+        gated_delta.FUSED_DECODE = fused
 
 
 if __name__ == "__main__":

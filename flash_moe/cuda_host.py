@@ -9,7 +9,7 @@ MLX's CUDA backend keeps host-made arrays in managed memory, which reaches the G
 - ``upload="copy"``: ``cudaMemcpyAsync`` moves them into a device staging buffer (~50 GB/s,
   the fetching thread waits), then the kernel copies device to device.
 
-``scatter`` is the ExpertCache's fill: another kernel (kernels/slot_scatter.body) copies slots into
+``scatter`` is the DeviceExpertCache's fill: another kernel (kernels/slot_scatter.body) copies slots into
 chosen positions of the cache's own MLX arrays, in place (MLX's CUDA SliceUpdate copies the array).
 
 The CUDA runtime is the libcudart that MLX itself loaded, called through ctypes.
@@ -205,7 +205,7 @@ class PinnedSlotBuffers:
         """Copy slots 0..count-1 of set ``index`` into ``targets[i][positions[slot]]``, in place, on the GPU.
 
         ``targets``: one evaluated, row-contiguous MLX array per layout tensor, in layout order, of shape
-        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array holding 0. Evaluate it
+        (N, *tensor.shape) (the DeviceExpertCache's arrays). Returns a 1-element array holding 0. Evaluate it
         before anything reads the targets: MLX does not know they changed, so it orders no reader after the
         kernel (its CUDA graphs link kernels by the buffers they read), and a lazy output no one evaluates
         never runs.

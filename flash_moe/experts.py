@@ -69,7 +69,7 @@ def stacked_ffn(x, arrays: dict, inds, scores, bits: int, group_size: int):
     return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
 
 
-class StackedLinear(nn.Module):
+class StackedProjection(nn.Module):
     """One projection's parameters for all experts: weight (E, out, in), or packed uint32 + scales + biases."""
 
     def __init__(self, num_experts, in_dim, out_dim, bits=16, group_size=64):
@@ -86,9 +86,9 @@ class ResidentExperts(nn.Module):
     def __init__(self, num_experts, hidden, intermediate, bits=16, group_size=64):
         super().__init__()
         self.bits, self.group_size = bits, group_size
-        self.gate_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
-        self.up_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
-        self.down_proj = StackedLinear(num_experts, intermediate, hidden, bits, group_size)
+        self.gate_proj = StackedProjection(num_experts, hidden, intermediate, bits, group_size)
+        self.up_proj = StackedProjection(num_experts, hidden, intermediate, bits, group_size)
+        self.down_proj = StackedProjection(num_experts, intermediate, hidden, bits, group_size)
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         arrays = {f"{p}.{k}": a for p in ("gate_proj", "up_proj", "down_proj") for k, a in getattr(self, p).items()}

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import ArraysCache, KVCache
 from .experts import ResidentExperts
+from .kernels.add_rms_norm import add_rms_norm
 from .layers.attention import Attention
 from .layers.gated_delta import GatedDeltaNet
 from .layers.moe import MLP, SparseMoeBlock
 
+# On a GPU each residual add rides in the RMSNorm kernel after it (kernels/add_rms_norm.body);
+# FLASH_MOE_FUSED_ADD_NORM=0 keeps separate adds and norms.
+FUSED_ADD_NORM = os.environ.get("FLASH_MOE_FUSED_ADD_NORM", "1") != "0"
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
 _POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "num_key_value_heads",
                   "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -199,6 +205,15 @@ class DecoderLayer(nn.Module):
         h = x + mixer(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def residual_step(self, x: mx.array, delta: mx.array | None, cache=None) -> tuple[mx.array, mx.array]:
+        """The layer on x + delta (delta: the previous layer's MLP output, not yet added), returning the residual
+        stream before its own MLP output and that output: each add rides in the norm after it."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        x, xn = add_rms_norm(x, delta, norm1.weight, norm1.eps)
+        h, hn = add_rms_norm(x, mixer(xn, cache), norm2.weight, norm2.eps)
+        return h, self.mlp(hn)
+
 
 class TextModel(nn.Module):
     def __init__(self, args: ModelArgs, experts_factory: Callable[[int], nn.Module]):
@@ -212,7 +227,13 @@ class TextModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+        caches = cache or [None] * len(self.layers)
+        if FUSED_ADD_NORM and kernels.BACKEND != "ops":
+            delta = None
+            for layer, c in zip(self.layers, caches):
+                h, delta = layer.residual_step(h, delta, c)
+            return add_rms_norm(h, delta, self.norm.weight, self.norm.eps)[1]
+        for layer, c in zip(self.layers, caches):
             h = layer(h, c)
         return self.norm(h)
 

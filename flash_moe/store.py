@@ -40,7 +40,7 @@ class ExpertReadError(OSError):
     """A read of one expert failed or came back short; the message names file, layer, expert and offset."""
 
 
-_COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses")
+_COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses", "missed_bytes")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class IOStats:
     seconds: np.ndarray  # [layers] float64, wall time of the fetches
     hits: np.ndarray  # [layers] int64, experts found in the page cache (probe or timing estimate)
     misses: np.ndarray  # [layers] int64
+    missed_bytes: np.ndarray  # [layers] int64, bytes of the chunks not found cached (a partly cached expert's rest)
     usage: np.ndarray  # [layers, experts] int64, how often each expert was fetched
 
     @classmethod
@@ -82,7 +83,7 @@ class IOStats:
 class _LayerFiles:
     """The layer files, each opened once and checked to hold exactly num_experts * stride bytes."""
 
-    def __init__(self, folder: Path, layout: ModelLayout, layers=None, direct: bool = False):
+    def __init__(self, folder: Path, layout: ModelLayout, layers=None, direct: bool = False, readahead: bool = True):
         self.fds: dict[int, int] = {}
         self.paths: dict[int, Path] = {}
         expected = layout.layer_bytes()
@@ -100,6 +101,8 @@ class _LayerFiles:
                     ) from None
                 if direct:
                     fd = _reopen_direct(path, fd)
+                elif not readahead:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self.fds[layer], self.paths[layer] = fd, path
                 size = os.fstat(fd).st_size
                 if size != expected:
@@ -266,6 +269,10 @@ class ExpertStore:
             "sample" (a fixed 1 in ``SAMPLE_EVERY`` of each layer's experts) or "full" (every expert). A
             mismatch raises ``CheckpointError`` naming the file, layer and expert. The hash runs over the slot
             buffers the read filled (no second read), on the reader threads, once per expert per store.
+        readahead: let the kernel read ahead of buffered reads (Linux). Off by default (``POSIX_FADV_RANDOM``):
+            experts are read at random, and a chunk that follows a cached one looks sequential to the kernel,
+            which then reads up to ``read_ahead_kb`` past the expert: disk time and page cache (reclaim under
+            a memory cap) spent on bytes nobody asked for. Measured in ``benchmarks/page_cache_cap.py``.
     """
 
     def __init__(
@@ -281,6 +288,7 @@ class ExpertStore:
         probe_cache: bool = True,
         direct: bool = False,
         verify: str = "off",
+        readahead: bool = False,
     ):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -307,8 +315,10 @@ class ExpertStore:
         try:
             self.buffers = (buffers or HostSlotBuffers)(expert, capacity, num_sets)
             self._iovecs = [self._plan(self.buffers.host_views(s)) for s in range(num_sets)]
-            # verify() and checksums keep the buffered descriptors; fetches read through these.
-            self._read_files = _LayerFiles(self.folder, self.layout, direct=True) if direct else self._files
+            # verify() and checksums keep the plain descriptors; fetches read through these.
+            no_readahead = not (direct or readahead) and hasattr(os, "POSIX_FADV_RANDOM")
+            self._read_files = (_LayerFiles(self.folder, self.layout, direct=direct, readahead=readahead)
+                                if direct or no_readahead else self._files)
         except BaseException:
             self._files.close()
             raise
@@ -325,7 +335,7 @@ class ExpertStore:
         for t in expert.tensors:
             self._gaps.append((bytes(t.offset - pos), t.name))
             pos = t.offset + t.nbytes
-        files = [self._files] + ([self._read_files] if direct else [])
+        files = [self._files] + ([self._read_files] if self._read_files is not self._files else [])
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, files, self.buffers, self._pending)
 
     def _plan(self, views: dict[str, np.ndarray]) -> list[list]:
@@ -430,8 +440,9 @@ class ExpertStore:
                 raise r
         per = len(plans[0]) if plans else 1  # chunks per expert, in job order
         hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
+        missed = sum(job[-1] for job, hit in zip(jobs, results) if hit is False)
         with self._stats_lock:
-            self._record(layer, ids, hits, seconds)
+            self._record(layer, ids, hits, seconds, missed)
 
     def _check(self, layer: int, expert_ids) -> list[int]:
         if layer not in self._files.fds:
@@ -518,7 +529,7 @@ class ExpertStore:
             return seconds * HIT_BYTES_PER_S < nbytes
         return False if self._probe else None
 
-    def _record(self, layer: int, ids: list[int], hits: list, seconds: float) -> None:
+    def _record(self, layer: int, ids: list[int], hits: list, seconds: float, missed_bytes: int) -> None:
         s, n = self.stats, len(ids)
         s.fetches[layer] += 1
         s.experts[layer] += n
@@ -528,6 +539,7 @@ class ExpertStore:
             got = sum(1 for h in hits if h)
             s.hits[layer] += got
             s.misses[layer] += n - got
+            s.missed_bytes[layer] += missed_bytes
         s.usage[layer, ids] += 1  # ids are distinct, so fancy-index += counts each once
 
     def verify(self, layers=None, progress: bool = False) -> list[tuple[int, int, str, str]]:

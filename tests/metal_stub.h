@@ -12,6 +12,7 @@
 #define constant
 
 typedef unsigned int uint;
+typedef unsigned short ushort;
 struct uint2 { uint x, y; };
 struct uint3 { uint x, y, z; };
 struct uint4 { uint x, y, z, w; };
@@ -34,7 +35,11 @@ enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 void threadgroup_barrier(mem_flags);
 float fma(float, float, float);
 float exp(float);
+float log(float);
+float rsqrt(float);
 float simd_sum(float);
+template <typename T>
+T simd_shuffle_xor(T, unsigned short);
 template <typename T, typename U>
 T as_type(U);
 }  // namespace metal

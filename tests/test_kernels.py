@@ -156,6 +156,46 @@ def test_expert_ffn(case, backend, seed, monkeypatch):
     assert err <= TOL[dtype], f"{backend} {_case_id(case)}: relative error {err:.3g} " + seed_note(seed)
 
 
+# (split, groups, K, D, tile): gate/up input split and down expert groups (issue 20), batch 1; a split with
+# partial tiles, and more groups than pairs of experts.
+SHAPE_CASES = [(1, 1, 4, 256, None), (2, 1, 4, 256, None), (4, 2, 4, 256, None), (2, 4, 10, 256, None),
+               (4, 3, 10, 512, 96), (8, 8, 3, 256, None)]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS[1:])
+@pytest.mark.parametrize("shape", SHAPE_CASES, ids=lambda c: "split{}-groups{}-K{}-D{}-tile{}".format(*c))
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_expert_ffn_launch_shapes(shape, dtype, backend, seed, monkeypatch):
+    split, groups, k, d, tile = shape
+    monkeypatch.setattr(kernels, "GATE_UP_SPLIT", split)
+    monkeypatch.setattr(kernels, "DOWN_GROUPS", groups)
+    if tile:
+        monkeypatch.setattr(kernels, "MAX_TILE", tile)
+    from flash_moe.kernels.expert_ffn import launch_shape
+
+    assert launch_shape(1, k, d)[0] == split and launch_shape(2, k, d) == (1, 1)
+    rng = np.random.default_rng(seed)
+    slots, dense = random_slots(rng, 12, d, 128, 4, 64, dtype)
+    x = mx.array(rng.normal(0, 1, (1, d)).astype(np.float32)).astype(dtype)
+    inds = rng.choice(12, k, replace=False).astype(np.int32)[None]
+    scores = mx.array((rng.random((1, k)) + 0.05).astype(np.float32)).astype(dtype)
+    out = expert_ffn(x, slots, mx.array(inds), scores, bits=4, group_size=64, backend=backend, init_value=NAN)
+    err = rel_err(out, expert_ffn64(to64(x), dense, inds, to64(scores)))
+    assert err <= TOL[dtype], f"{backend} split {split} groups {groups}: relative error {err:.3g} " + seed_note(seed)
+
+
+def test_launch_shape_choice(monkeypatch):
+    """The new shapes apply at batch 1 only, and only where they divide the work."""
+    from flash_moe.kernels.expert_ffn import launch_shape
+
+    monkeypatch.setattr(kernels, "GATE_UP_SPLIT", 4)
+    monkeypatch.setattr(kernels, "DOWN_GROUPS", 8)
+    assert launch_shape(1, 10, 4096) == (4, 5)  # 10 experts: 5 pairs, so at most 5 groups
+    assert launch_shape(1, 4, 4096) == (4, 2)
+    assert launch_shape(1, 4, 96) == (1, 2)  # 96 is not a multiple of 4 * 32
+    assert launch_shape(3, 10, 4096) == (1, 1)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_expert_ffn_unquantized_and_leading_dims(dtype, seed):
     """bits 16 (the ops path on every backend) and x of shape (B, L, D)."""
@@ -237,7 +277,8 @@ T = {mx.float32: ("float", "float"), mx.bfloat16: ("bfloat16_t", "__nv_bfloat16"
 T[mx.uint32] = ("uint32_t", "uint32_t")
 T[mx.float16] = ("float16_t", "__half")
 T[mx.int64] = ("int64_t", "int64_t")
-GATE_UP = dict(BITS=3, GROUP_SIZE=64, IN_DIM=4096, OUT_DIM=1024, ROWS=4, WARPS=4, TILE=4096, K=10)
+GATE_UP = dict(BITS=3, GROUP_SIZE=64, IN_DIM=4096, OUT_DIM=1024, ROWS=4, WARPS=4, TILE=4096, K=10, SPLIT=1)
+DOWN = GATE_UP | dict(BITS=4, IN_DIM=1024, OUT_DIM=4096, TILE=1024, KB=7, WARPS=8, ROWS=8, GU_SPLIT=1, ES=1)
 # kernel -> (inputs, outputs, template): the Qwen3.5-397B shapes, bf16 activations.
 SOURCE_CASES = {
     "expert_gate_up": (
@@ -250,14 +291,28 @@ SOURCE_CASES = {
         {"h": mx.float32, "inds": mx.int32, "scores": mx.float32, "down_w": mx.uint32}
         | {"down_s": mx.bfloat16, "down_b": mx.bfloat16},
         {"y": mx.bfloat16},
-        GATE_UP | dict(BITS=4, IN_DIM=1024, OUT_DIM=4096, TILE=1024, KB=7, WARPS=8, ROWS=8),
+        DOWN,
     ),
     "dequant_matvec": (
         {"x": mx.float16, "w": mx.uint32, "scales": mx.float16, "biases": mx.float16},
         {"out": mx.float16},
         dict(BITS=2, GROUP_SIZE=32, IN_DIM=8192, OUT_DIM=100, ROWS=4, WARPS=4, TILE=4096),
     ),
+    "gated_delta_decode": (
+        {n: mx.bfloat16 for n in ("mixed", "conv_state", "conv_w", "z", "a", "b")}
+        | {"A_log": mx.float32, "dt_bias": mx.bfloat16, "norm_w": mx.bfloat16, "state": mx.float32, "eps": mx.float32},
+        {"y": mx.bfloat16, "state_out": mx.float32, "conv_out": mx.bfloat16},
+        dict(HK=16, HV=64, DK=128, DV=128, KW=4, WARPS=4),
+    ),
 }
+SOURCE_CASES["add_rms_norm"] = ({"x": mx.bfloat16, "y": mx.bfloat16, "w": mx.bfloat16, "eps": mx.float32},
+                                {"h": mx.bfloat16, "normed": mx.bfloat16}, dict(D=4096, WARPS=8))
+SOURCE_CASES["route_topk"] = ({"logits": mx.bfloat16}, {"inds": mx.int32, "scores": mx.bfloat16},
+                              dict(E=512, K=10, NORMALIZE=1, WARPS=4))
+SOURCE_CASES["expert_gate_up@split"] = (SOURCE_CASES["expert_gate_up"][0], {"h": mx.float32},
+                                        GATE_UP | dict(BITS=4, SPLIT=4, TILE=1024))
+SOURCE_CASES["expert_down@groups"] = (SOURCE_CASES["expert_down"][0], {"y": mx.bfloat16},
+                                      DOWN | dict(WARPS=16, ROWS=4, GU_SPLIT=4, ES=4, KB=10))
 # CUDA only (pinned host memory): the slot set of flash_moe/cuda_host.py at the 397B layout.
 SLOT_PULL = (
     {"meta": mx.int64},
@@ -281,9 +336,10 @@ METAL_ATTRIBUTES = {
 def metal_translation_unit() -> str:
     """Every kernel as MLX's metal_kernel would emit it (kernel signature, template, instantiation)."""
     parts = [kernel_source("expert_down", "metal")[0]]
-    for name, (inputs, outputs, template) in SOURCE_CASES.items():
+    for key, (inputs, outputs, template) in SOURCE_CASES.items():
+        name = key.split("@")[0]
         body = kernel_source(name, "metal")[1]
-        fn = f"custom_kernel_{name}"
+        fn = f"custom_kernel_{key.replace('@', '_')}"
         params = [f"const device {T[d][0]}* {n} [[buffer({i})]]" for i, (n, d) in enumerate(inputs.items())]
         params += [f"device {T[d][0]}* {n} [[buffer({len(inputs) + i})]]" for i, (n, d) in enumerate(outputs.items())]
         params += [f"{t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES.items() if a in body]
@@ -303,10 +359,12 @@ def cuda_translation_unit() -> str:
     """Every kernel as MLX's cuda_kernel would emit it, with NVRTC's implicit headers spelled out."""
     parts = ["#include <cstdint>", "#include <cuda_bf16.h>", "#include <cuda_fp16.h>"]
     parts += [kernel_source("expert_down", "cuda")[0], "namespace mlx::core::cu {"]
-    for name, (inputs, outputs, template) in (SOURCE_CASES | {"slot_pull": SLOT_PULL, "slot_scatter": SLOT_SCATTER}).items():
+    for key, (inputs, outputs, template) in (SOURCE_CASES | {"slot_pull": SLOT_PULL, "slot_scatter": SLOT_SCATTER}).items():
+        name = key.split("@")[0]
         params = [f"const {T[d][1]}* {n}" for n, d in inputs.items()] + [f"{T[d][1]}* {n}" for n, d in outputs.items()]
         consts = "".join(f"  constexpr int {k} = {v};\n" for k, v in template.items())
-        parts.append(f"__global__ void {name}(" + ", ".join(params) + ") {\n" + consts + kernel_source(name, "cuda")[1] + "}")
+        parts.append(f"__global__ void {key.replace('@', '_')}(" + ", ".join(params) + ") {\n" + consts
+                     + kernel_source(name, "cuda")[1] + "}")
     return "\n".join(parts + ["}  // namespace mlx::core::cu"]) + "\n"
 
 

@@ -452,6 +452,7 @@ def test_direct_reads_are_byte_exact_and_count_as_misses(tmp_path, rng, read_chu
         for layer, ids in ((1, [3, 0, 7]), (3, [6]), (0, [1, 2, 4, 5]), (1, [3, 6])):
             check_slots(tmp_path, layout, layer, store.fetch(layer, ids), ids)
         assert int(store.stats.hits.sum()) == 0 and int(store.stats.misses.sum()) == 10
+        assert int(store.stats.missed_bytes.sum()) == 10 * layout.expert.expert_bytes
         assert store.verify() == []  # verification keeps the buffered descriptors
 
 
@@ -465,3 +466,52 @@ def test_direct_reads_name_the_misaligned_tensor(tmp_path, rng):
         ExpertStore(tmp_path, capacity=2, direct=True)
     with pytest.raises(ValueError, match="read_chunk 6,000 is not a multiple of 4096"):
         ExpertStore(tmp_path, capacity=2, direct=True, read_chunk=6000)
+
+
+def _device_read_bytes() -> int | None:
+    try:
+        rows = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    except OSError:
+        return None
+    return int(rows["read_bytes"])
+
+
+@pytest.mark.skipif(not hasattr(os, "POSIX_FADV_RANDOM"), reason="readahead advice is Linux's")
+@pytest.mark.parametrize("readahead", [False, True])
+def test_chunked_cold_reads_fetch_only_the_expert_without_readahead(tmp_path, rng, readahead):
+    """Cold chunked reads of one expert: without readahead (the default) the device reads that expert's pages
+    and no more; the bytes are right either way. (The kernel's readahead reads past the expert, into its
+    neighbour, when a chunk follows a cached one: what the default avoids.)"""
+    layout = make_model(tmp_path, rng, ExpertLayout(512, 256, bits=4, dtype="bfloat16"), num_experts=16)
+    with ExpertStore(tmp_path, capacity=1, threads=4, read_chunk=4096 * 3, readahead=readahead) as store:
+        fd = os.open(tmp_path / layout.layer_file(1), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written and fsynced: clean pages, evicted here
+        os.close(fd)
+        before = _device_read_bytes()
+        check_slots(tmp_path, layout, 1, store.fetch(1, [5]), [5])
+        read = _device_read_bytes()
+    if before is None or read == before:
+        pytest.skip("this filesystem does not count device reads (tmpfs) or kept the pages cached")
+    if not readahead:
+        assert read - before <= layout.expert.expert_bytes  # 4 KiB-aligned: the expert's pages exactly
+
+
+def test_missed_bytes_count_the_chunks_not_cached(tmp_path, rng):
+    """A partly cached expert is one miss, but only its uncached chunks count as missed bytes (what the disk
+    read); a cached one adds nothing, a direct read counts every byte."""
+    layout = make_model(tmp_path, rng, ExpertLayout(512, 256, bits=4, dtype="bfloat16"))
+    e, chunk = layout.expert, 4096 * 3
+    with ExpertStore(tmp_path, capacity=2, threads=2, read_chunk=chunk) as store:
+        store.fetch(1, [2])  # just written: cached
+        if store.probe != "nowait" or not _drop_from_page_cache(tmp_path / layout.layer_file(1)):
+            pytest.skip("needs RWF_NOWAIT and an evictable page cache")
+        fd = os.open(tmp_path / layout.layer_file(1), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.preadv(fd, [bytearray(chunk)], 5 * e.stride)  # the first chunk of expert 5 cached, nothing else
+        os.close(fd)
+        store.stats.reset()
+        check_slots(tmp_path, layout, 1, store.fetch(1, [5, 2]), [5, 2])
+        assert store.stats.misses[1] == 2 and store.stats.missed_bytes[1] == 2 * e.expert_bytes - chunk
+        store.fetch(1, [5, 2])
+        assert store.stats.hits[1] == 2 and store.stats.missed_bytes[1] == 2 * e.expert_bytes - chunk
+        assert store.stats.totals()["missed_bytes"] == 2 * e.expert_bytes - chunk

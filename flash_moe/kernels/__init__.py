@@ -45,6 +45,9 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+QUANTIZED = {"expert_gate_up", "expert_down", "dequant_matvec"}  # the kernels that use quant.h
+
+
 def _read(name: str) -> str:
     # #line makes compiler errors name the file and line they come from.
     return f'#line 1 "{name}"\n' + (SOURCE_DIR / name).read_text() + "\n"
@@ -54,7 +57,8 @@ def kernel_source(name: str, backend: str) -> tuple[str, str]:
     """(header, body) of kernel ``name`` in ``backend``'s dialect, as ``build`` compiles them."""
     if backend not in ("metal", "cuda"):
         raise ValueError(f"kernel {name!r}: no kernel source for backend {backend!r}")
-    header = _read(f"{backend}.h") + _read("quant.h")
+    # MLX hashes a custom kernel's source at each evaluation: kernels that dequantize nothing skip quant.h.
+    header = _read(f"{backend}.h") + (_read("quant.h") if name in QUANTIZED else "")
     # The prologue names the thread indices; MLX adds Metal's index attributes to the
     # signature only when their names appear in the body, so it must be part of it.
     body = _read(f"{backend}_prologue.h") + _read(f"{name}.body")
@@ -81,6 +85,10 @@ WARPS = 4  # warps of 32 threads per threadgroup
 ROWS = 4  # output rows per warp (halved until it divides the output dimension)
 MAX_TILE = 4096  # values of x staged in shared memory at once (16.5 KB)
 SHARED_BYTES = {"metal": 32 * 1024, "cuda": 48 * 1024}  # static shared-memory limits
+# Expert launch shapes at batch 1 (issue 20, docs/kernels.md): gate/up's input dimension cut over this many
+# threadgroups, and the down kernel's warps in this many expert groups; 1 and 1 is the shape measured before.
+GATE_UP_SPLIT = int(os.environ.get("FLASH_MOE_GATE_UP_SPLIT", "1"))
+DOWN_GROUPS = int(os.environ.get("FLASH_MOE_DOWN_GROUPS", "1"))
 
 
 def matvec_template(what: str, in_dim: int, out_dim: int, bits: int, group_size: int) -> dict[str, int]:
@@ -127,18 +135,26 @@ def launch(
     )
 
 
+from .add_rms_norm import add_rms_norm  # noqa: E402
 from .dequant_matvec import dequant_matvec, dequant_matvec_ref  # noqa: E402
 from .expert_ffn import expert_ffn, expert_ffn_ref  # noqa: E402
+from .gated_delta_decode import gated_delta_decode, gated_delta_decode_ref  # noqa: E402
+from .route_topk import route_topk, route_topk_ref  # noqa: E402
 
 __all__ = [
     "BACKEND",
+    "add_rms_norm",
     "build",
     "dequant_matvec",
     "dequant_matvec_ref",
     "expert_ffn",
     "expert_ffn_ref",
+    "gated_delta_decode",
+    "gated_delta_decode_ref",
     "kernel_source",
     "launch",
     "matvec_template",
     "resolve_backend",
+    "route_topk",
+    "route_topk_ref",
 ]

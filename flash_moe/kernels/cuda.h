@@ -12,6 +12,8 @@ typedef unsigned int uint;
 #define BARRIER() __syncthreads()
 #define FMA(a, b, c) fmaf(a, b, c)
 #define EXP(v) expf(v)
+#define LOG(v) logf(v)
+#define RSQRT(v) rsqrtf(v)
 #define AS_FLOAT(u) __uint_as_float(u)
 
 FN float warp_sum(float v) {
@@ -20,6 +22,12 @@ FN float warp_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, offset);
   }
   return v;
+}
+
+// Lane i's v from lane i ^ mask (butterfly reductions that carry more than a sum).
+template <typename T>
+FN T shuffle_xor(T v, uint mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
 FN float to_float(float v) {

@@ -116,13 +116,29 @@ def expert_ffn(
     return y if len(shape) == 2 else y.reshape(shape)
 
 
+def launch_shape(n: int, k: int, d: int) -> tuple[int, int]:
+    """(gate/up input split, down expert groups) for n tokens: ``GATE_UP_SPLIT`` and ``DOWN_GROUPS`` at batch 1
+    where they fit (the split staging re-reads h once per part: not for batches), else (1, 1)."""
+    from . import DOWN_GROUPS, GATE_UP_SPLIT, WARPS  # read at each call: benchmarks set them
+
+    if n != 1:
+        return 1, 1
+    split = GATE_UP_SPLIT if GATE_UP_SPLIT >= 1 and d % (32 * GATE_UP_SPLIT) == 0 else 1
+    groups = max(1, min(DOWN_GROUPS, -(-k // 2), 1024 // (32 * WARPS)))  # each group takes pairs of experts
+    return split, groups
+
+
 def _launches(x, slots, inds, scores, bits, group_size, backend, init_value):
     n, d = x.shape
     k = inds.shape[1]
     i = slots["gate_proj.weight"].shape[1]
+    split, groups = launch_shape(n, k, d)
     up = matvec_template("expert_ffn gate/up", d, i, bits, group_size)
     up["K"] = k
+    up["SPLIT"] = split
+    up["TILE"] = min(up["TILE"], d // split)  # a threadgroup stages only its part of x
     block = up["WARPS"] * up["ROWS"]
+    h_shape = (n, k, i) if split == 1 else (n, k, split, 2, i)
     (h,) = launch(
         "expert_gate_up",
         backend,
@@ -136,17 +152,20 @@ def _launches(x, slots, inds, scores, bits, group_size, backend, init_value):
             "up_s": slots["up_proj.scales"],
             "up_b": slots["up_proj.biases"],
         },
-        {"h": ((n, k, i), mx.float32)},
+        {"h": (h_shape, mx.float32)},
         up,
-        grid=(32 * up["WARPS"] * -(-i // block), n * k, 1),
+        grid=(32 * up["WARPS"] * -(-i // block) * split, n * k, 1),
         init_value=init_value,
     )
 
     down = matvec_template("expert_ffn down", i, d, bits, group_size)
     expert_bytes = down["TILE"] // 32 * 33 * 4  # one expert's staged h (quant.h layout)
     down["K"] = k
-    down["KB"] = max(1, min(k, SHARED_BYTES[backend] // expert_bytes))
-    block = down["WARPS"] * down["ROWS"]
+    block = down["WARPS"] * down["ROWS"]  # rows per threadgroup; its warps: WARPS per expert group
+    down["KB"] = max(1, min(k, (SHARED_BYTES[backend] - 4 * groups * block) // expert_bytes))  # less the group sums
+    down["GU_SPLIT"] = split
+    down["ES"] = groups
+    down["WARPS"] *= groups
     (y,) = launch(
         "expert_down",
         backend,

@@ -10,10 +10,18 @@
 #define BARRIER() threadgroup_barrier(metal::mem_flags::mem_threadgroup)
 #define FMA(a, b, c) metal::fma(a, b, c)
 #define EXP(v) metal::exp(v)
+#define LOG(v) metal::log(v)
+#define RSQRT(v) metal::rsqrt(v)
 #define AS_FLOAT(u) metal::as_type<float>(u)
 
 inline float warp_sum(float v) {
   return metal::simd_sum(v);
+}
+
+// Lane i's v from lane i ^ mask (butterfly reductions that carry more than a sum).
+template <typename T>
+inline T shuffle_xor(T v, uint mask) {
+  return metal::simd_shuffle_xor(v, ushort(mask));
 }
 
 template <typename T>

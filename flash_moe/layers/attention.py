@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import BatchKVCache
+from .stacked import stacked
 
 
 class Attention(nn.Module):
@@ -31,10 +32,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+        qg, k, v = stacked(self, "_qkv", [self.q_proj, self.k_proj, self.v_proj])(x)  # one matmul
+        q, gate = mx.split(qg.reshape(B, L, self.n_heads, 2 * self.head_dim), 2, axis=-1)
         q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, H, L, hd]
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
         if isinstance(cache, BatchKVCache):  # a decode batch: every sequence at its own position
             out = cache.attend(q, k, v, self.rope, self.scale)

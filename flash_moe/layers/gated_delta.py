@@ -12,9 +12,16 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
+from ..kernels.gated_delta_decode import gated_delta_decode
+from .stacked import stacked
+
 # mx.fast.gated_delta_update runs the whole sequence in one primitive (no Python loop over tokens);
 # FLASH_MOE_GDN=ops selects the reference recurrence, used by tests to cross-check it.
 USE_FAST = os.environ.get("FLASH_MOE_GDN", "fast") != "ops"
+# A decode token on a GPU runs conv, norms, gates, recurrence and gated norm as one kernel
+# (kernels/gated_delta_decode.body); FLASH_MOE_FUSED_GDN=0 keeps the composed path (to measure both).
+FUSED_DECODE = os.environ.get("FLASH_MOE_FUSED_GDN", "1") != "0"
 
 
 def gated_delta_ops(q, k, v, g, beta, state=None):
@@ -90,9 +97,11 @@ class GatedDeltaNet(nn.Module):
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
-        qkv = self.in_proj_qkv(x)
-        z = self.in_proj_z(x).reshape(B, L, self.Hv, self.Dv)
-        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        if L == 1 and cache is not None and FUSED_DECODE and kernels.BACKEND != "ops":
+            return self.decode(x, cache)
+        # the four input projections as one matmul (their rows stacked)
+        qkv, z, a, b = stacked(self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])(x)
+        z = z.reshape(B, L, self.Hv, self.Dv)
 
         conv_state = cache[0] if cache is not None else None
         if conv_state is None:
@@ -121,3 +130,20 @@ class GatedDeltaNet(nn.Module):
 
         y = gated_rms_norm(y, z, self.norm.weight, self.norm.eps)
         return self.out_proj(y.reshape(B, L, -1))
+
+    def decode(self, x: mx.array, cache, backend: str | None = None) -> mx.array:
+        """One token (x [B, 1, D]) through ``kernels.gated_delta_decode``: the same math as ``__call__``."""
+        B = x.shape[0]
+        conv_state, state = cache[0], cache[1]
+        if conv_state is None:
+            conv_state = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
+        if state is None:
+            state = mx.zeros((B, self.Hv, self.Dv, self.Dk), mx.float32)
+        proj = stacked(self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])
+        mixed, z, a, b = (p.reshape(B, -1) for p in proj(x))
+        y, cache[1], cache[0] = gated_delta_decode(
+            mixed, z, a, b, conv_state, state, self.conv1d.weight.reshape(self.conv_dim, -1),
+            self.A_log, self.dt_bias, self.norm.weight, heads=(self.Hk, self.Hv, self.Dk, self.Dv),
+            eps=self.norm.eps, backend=backend)
+        cache.offset += 1
+        return self.out_proj(y[:, None])

@@ -9,8 +9,17 @@ of the chosen experts (resident arrays, or bytes streamed from SSD).
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from .. import kernels
+from ..kernels.route_topk import route_topk, route_topk_ref
+from .stacked import stacked
+
+# On a GPU the router's tail is one kernel (kernels/route_topk.body); FLASH_MOE_FUSED_ROUTE=0 keeps the MLX ops.
+FUSED_ROUTE = os.environ.get("FLASH_MOE_FUSED_ROUTE", "1") != "0"
 
 
 class MLP(nn.Module):
@@ -21,7 +30,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = stacked(self, "_gate_up", [self.gate_proj, self.up_proj])(x)  # one matmul
+        return self.down_proj(swiglu(gate, up))
 
 
 @mx.compile
@@ -36,13 +46,12 @@ def add_gated(y: mx.array, gate_logit: mx.array, shared: mx.array) -> mx.array:
 
 @mx.compile
 def route(logits: mx.array, k: int, normalize: bool = True) -> tuple[mx.array, mx.array]:
-    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k."""
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
-    scores = mx.take_along_axis(probs, inds, axis=-1)
-    if normalize:
-        scores = scores / scores.sum(axis=-1, keepdims=True)
-    return inds.astype(mx.int32), scores
+    """Softmax over all experts in fp32, top-k (unordered), optionally renormalised over the k; scores in fp32."""
+    return route_topk_ref(logits.astype(mx.float32), k, normalize)
+
+
+# The same with the scores in the logits' dtype, cast inside the compiled tail (one launch less).
+route_in_dtype = mx.compile(route_topk_ref)
 
 
 class SparseMoeBlock(nn.Module):
@@ -59,7 +68,12 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        inds, scores = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [N, K]
-        y = self.experts(x, inds, scores.astype(x.dtype))
-        y = add_gated(y, self.shared_expert_gate(x), self.shared_expert(x))
+        # the router and the shared expert's gate as one matmul (when quantized alike)
+        logits, gate_logit = stacked(self, "_gates", [self.gate, self.shared_expert_gate])(x)
+        if FUSED_ROUTE and kernels.BACKEND != "ops":
+            inds, scores = route_topk(logits, self.top_k, self.norm_topk_prob)
+        else:
+            inds, scores = route_in_dtype(logits, self.top_k, self.norm_topk_prob)  # [N, K], scores in x's dtype
+        y = self.experts(x, inds, scores)
+        y = add_gated(y, gate_logit, self.shared_expert(x))
         return y.reshape(shape)
