@@ -140,7 +140,9 @@ def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, t
         if i == 0:
             first = time.perf_counter()
             gen_before = model.stats.snapshot() if before is not None else None
+            tiers_before = tier_counts(model)
     end = time.perf_counter()
+    tiers_gen = {t: {k: v - tiers_before[t][k] for k, v in c.items()} for t, c in tier_counts(model).items()}
     io = model.stats.snapshot().delta(before).totals() if before is not None else {}
     # reads of the generated tokens after the first: what generation_tps times (prefill reads grouped)
     io_gen = model.stats.snapshot().delta(gen_before).totals() if before is not None else {}
@@ -151,7 +153,78 @@ def decode_trial(model, prompt_tokens: int, generation_tokens: int, seed: int, t
         "total_time": end - start,
         "io": io,
         "io_generation": io_gen,
+        "tiers_generation": tiers_gen,
     }
+
+
+def tier_counts(model) -> dict:
+    """The numeric counters of each memory tier (``LoadedModel.tier_totals``), for deltas."""
+    totals = model.tier_totals() if hasattr(model, "tier_totals") else {}
+    return {t: {k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for t, c in totals.items()}
+
+
+def host_to_device_gbps(model, n: int = 16) -> float | None:
+    """The host tier's copy bandwidth into device arrays (pinned memory -> GPU on CUDA), on ``n`` experts of
+    the first layer: a first fill reads them in, the second is the copy alone."""
+    host = model.host_cache
+    if host is None:
+        return None
+    from flash_moe.layout import mlx_dtype
+
+    layout = model.store.layout
+    ids = np.arange(min(n, layout.num_experts, host.capacity))
+    targets = {t.name: mx.zeros((len(ids), *t.shape), mlx_dtype(t.dtype)) for t in layout.expert.tensors}
+    mx.eval(list(targets.values()))
+    host.fill_into(layout.moe_layers[0], ids, targets, np.arange(len(ids)))
+    start = time.perf_counter()
+    host.fill_into(layout.moe_layers[0], ids, targets, np.arange(len(ids)))
+    return len(ids) * layout.expert.expert_bytes / (time.perf_counter() - start) / 1e9
+
+
+def tiered_bound(args, result: dict, layout, trials: list, tokens: int, gen_ms: float, h2d, ceiling_gbps: float):
+    """Per generated token: device-tier misses served by the host tier cost a copy at the host->device
+    bandwidth measured in this run, the rest a disk read at the disk's (--disk-gbps, else the disk ceiling);
+    plus the time not spent reading or copying. Counts over the trials' generated tokens after the first."""
+    eb = layout.expert.expert_bytes
+    delta = {}
+    for r in trials:
+        for tier, counts in r["tiers_generation"].items():
+            for k, v in counts.items():
+                delta.setdefault(tier, {}).setdefault(k, 0)
+                delta[tier][k] += v
+    tokens = max(tokens, 1)
+    host, store = delta.get("host"), delta["store"]
+    guessed = host["prefetched"] if host else 0
+    disk_reads = (store["experts"] - guessed) / tokens  # demand reads; the guesses ran beside the compute
+    host_hits = host["hits"] / tokens if host else 0.0
+    read_s = (host["read_seconds"] if host else store["seconds"]) / tokens
+    copy_s = host["copy_seconds"] / tokens if host else 0.0
+    gbps, source = (args.disk_gbps, "--disk-gbps") if args.disk_gbps else (ceiling_gbps, "disk ceiling")
+    not_reading = max(gen_ms - 1e3 * (read_s + copy_s), 0.0)
+    bound = 1e3 * (host_hits * eb / (h2d * 1e9) if h2d else 0.0) + 1e3 * disk_reads * eb / (gbps * 1e9) + not_reading
+    out = {"per_token": {"device_hits": delta["device"]["hits"] / tokens if "device" in delta else 0.0,
+                         "host_hits": host_hits, "disk_reads": disk_reads, "prefetched": guessed / tokens,
+                         "prefetch_used": (host["prefetch_used"] / tokens) if host else 0.0},
+           "host_to_device_gb_per_s": h2d, "disk_gb_per_s": gbps, "disk_source": source, "read_ms": 1e3 * read_s,
+           "copy_ms": 1e3 * copy_s, "not_reading_ms": not_reading, "bound_ms": bound, "actual_ms": gen_ms,
+           "ratio": bound / gen_ms if gen_ms else float("nan"), "tiers": delta}
+    # Projected: every per-layer cost scales with the MoE layers (reads, copies and compute alike), and the
+    # disk reads go to a disk of --project-disk-gbps; the hit rates are this run's (synthetic routing: a floor).
+    scale = args.project_layers / max(len(layout.moe_layers), 1)
+    projected = scale * (1e3 * (host_hits * eb / (h2d * 1e9) if h2d else 0.0)
+                         + 1e3 * disk_reads * eb / (args.project_disk_gbps * 1e9) + not_reading)
+    out["projected"] = {"layers": args.project_layers, "disk_gb_per_s": args.project_disk_gbps, "ms": projected,
+                        "tok_per_s": 1e3 / projected if projected else float("nan")}
+    result["tiered_bound"] = out
+    p = out["per_token"]
+    print(f"tiers per token: {p['device_hits']:.1f} device hits, {host_hits:.1f} host hits, {disk_reads:.1f} disk reads waited for"
+          f" (+{p['prefetched']:.1f} guessed on the side, {p['prefetch_used']:.1f} of them used); host->device "
+          f"{h2d or float('nan'):.1f} GB/s, disk {gbps:.2f} GB/s ({source})")
+    print(f"tiered-memory bound {bound:.1f} ms (= host hits x {eb / 1e6:.2f} MB / host->device + disk reads / disk + "
+          f"{not_reading:.1f} ms not reading) vs {gen_ms:.1f} ms measured: ratio {out['ratio']:.2f}")
+    print(f"projected to {args.project_layers} MoE layers with a {args.project_disk_gbps:g} GB/s disk (this run's "
+          f"per-tier miss rates): {projected:.1f} ms/token = {out['projected']['tok_per_s']:.2f} tok/s")
 
 
 def peer_mlx_lm(folder: Path, k: int, prompt_tokens: int, generation_tokens: int, trials: int) -> dict:
@@ -266,6 +339,16 @@ def main():
                         "+ 1 GiB: 0.16 is a 48 GB laptop's share of the 397B model's experts")
     p.add_argument("--cache-experts", default="0",
                    help="experts kept in device memory (ExpertCache): a count, a fraction of all experts, or 'all'")
+    p.add_argument("--host-cache", default="0",
+                   help="experts kept in host RAM behind the device cache (HostExpertCache, pinned on CUDA): a fraction "
+                        "of all experts, bytes like 24GB, 'all' or 'auto'; prints the tiered-memory bound")
+    p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="read the next layer's guessed experts into the host cache while a layer computes")
+    p.add_argument("--disk-gbps", type=float, default=None,
+                   help="disk bandwidth for the tiered bound (default: the disk ceiling measured in this run)")
+    p.add_argument("--project-layers", type=int, default=60,
+                   help="the tiered bound projected to this many MoE layers (the 397B model has 60) ...")
+    p.add_argument("--project-disk-gbps", type=float, default=7.0, help="... and a disk of this bandwidth (NVMe: 7)")
     p.add_argument("--no-speculate", action="store_true",
                    help="with --cache-experts: always sync per layer (no speculative all-cached tokens)")
     p.add_argument("--preload", action="store_true", help="with --cache-experts: fill the device cache before decoding")
@@ -308,13 +391,17 @@ def main():
     if args.resident:
         return resident_run(folder, args, result)
     model = load(folder, experts_per_token=args.k, threads=args.threads, cache_experts=args.cache_experts,
-                 read_chunk=args.read_chunk_kib << 10, direct_io=direct_io)
-    if model.cache is not None and args.no_speculate:
-        model.cache.speculate = False
-    if model.cache is not None and args.preload:
+                 read_chunk=args.read_chunk_kib << 10, direct_io=direct_io, host_cache=args.host_cache,
+                 prefetch={"auto": "auto", "on": True, "off": False}[args.prefetch])
+    if model.device_cache is not None and args.no_speculate:
+        model.device_cache.speculate = False
+    if (model.device_cache is not None or model.host_cache is not None) and args.preload:
+        from flash_moe.host_cache import preload_tiers
+
         start = time.perf_counter()
-        n = model.cache.preload()
-        print(f"preloaded {n} experts into the device cache in {time.perf_counter() - start:.1f} s")
+        n = preload_tiers(model.store, model.device_cache, model.host_cache)
+        print(f"preloaded {n} experts into the device/host tiers in {time.perf_counter() - start:.1f} s")
+    h2d = host_to_device_gbps(model)
     if args.cap_fraction is not None:
         expert_bytes = len(layout.moe_layers) * layout.layer_bytes()
         # Charges made before the move stay outside the group: the cap then bounds what decoding adds,
@@ -325,7 +412,7 @@ def main():
     if args.warm_prompt:
         pre = decode_trial(model, args.warm_prompt, 2, seed=1)
         print(f"warm-up prefill of {args.warm_prompt} tokens: {pre['prompt_tps']:.1f} tok/s, read {pre['io']['experts']} experts"
-              + (f"; device cache {model.cache.totals()}" if model.cache is not None else ""))
+              + (f"; device cache {model.device_cache.totals()}" if model.device_cache is not None else ""))
     trials = []
     for t in range(args.num_trials):
         if args.cold:
@@ -340,8 +427,8 @@ def main():
     result["direct_io"] = model.store.direct
     print(f"resident: peak RSS {rss:.0f} MB, slot buffers {model.store.resident_bytes() / 1e6:.0f} MB; "
           f"expert reads {'with O_DIRECT' if model.store.direct else 'through the page cache'}")
-    if model.cache is not None:
-        result["device_cache"] = model.cache.totals()
+    if model.device_cache is not None:
+        result["device_cache"] = model.device_cache.totals()
         print(f"device expert cache: {result['device_cache']}")
 
     if args.profile:
@@ -381,6 +468,8 @@ def main():
           f"({100 * io['hits'] / max(io['hits'] + io['misses'], 1e-9):.0f}% page-cache hits), reads took {bound['read_ms']:.1f} ms; "
           f"I/O bound {bound['bound_ms']:.1f} ms (= missed / {ceiling_gbps:.2f} GB/s disk ceiling + {bound['compute_ms']:.1f} ms "
           f"not reading) vs {bound['actual_ms']:.1f} ms measured: ratio to the I/O bound {bound['ratio']:.2f}")
+    if model.device_cache is not None or model.host_cache is not None:
+        tiered_bound(args, result, layout, trials, tokens, bound["actual_ms"], h2d, ceiling_gbps)
 
     finish(folder, args, result, avg, "flash_moe")
 

@@ -46,7 +46,7 @@ step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; t
 NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 dist_k4 dist_cap_k4 "
 needs_m() { local s; for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
 needs_m && { [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4; }
-TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
+TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_expert_source.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
 FAM=${FAM:-/root/fam}; FAM_ARGS=${FAM_ARGS:-}
 D="python3 benchmarks/decode.py --model $M -g $G --threads $TH"
 # Expert-parallel on this machine's CPUs and disk (issue 17): 1, 2, 4 ring ranks on a float32 copy of the
@@ -111,6 +111,20 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     dist_cap_k4) dist_model; step $s $DB --cold --cap-fraction 0.16 --json "$OUT/$s.json" ;;
     # two GPUs (nvidia-h200-x2): a rank per GPU over NCCL, each with its own device cache of its own experts
     dist_nccl_k4) step $s env NCCL_NVLS_ENABLE=0 python3 benchmarks/distributed.py --model $M --backend nccl --ranks 1 2 --k 4 --tokens 32 --prompt 16 --warm-prompt 64 --timeout 200 --json "$OUT/$s.json" ;;
+    # Memory tiers (issue 19): device tier -> pinned host tier -> disk. The 24 GB GPU + 64 GB RAM box: device
+    # 11% of the experts, host 26%, the page cache capped near zero after load (so it is no third tier);
+    # its baseline (page cache as the RAM tier) is tier24_page. The H200 box: device 55%, the rest in RAM.
+    tests_tiers) step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=line tests/test_expert_source.py tests/test_expert_cache.py ;;
+    tiers_probe) step $s python3 -c "from flash_moe.load import host_capacity, cache_capacity; from flash_moe.layout import ModelLayout; l = ModelLayout.read('$M'); d = cache_capacity('auto', l); print('auto device', d, 'auto host', host_capacity('auto', l))" ;;
+    tier24_page) step $s $D --k 4 --cold --cap-fraction 0.26 --cache-experts 0.11 --no-direct --warm-prompt 512 --json "$OUT/$s.json" ;;
+    tier24_direct) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --direct --prefetch off --warm-prompt 512 --json "$OUT/$s.json" ;;
+    tier24_direct_prefetch) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --direct --prefetch on --warm-prompt 512 --json "$OUT/$s.json" ;;
+    tier24_buffered) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --no-direct --prefetch off --warm-prompt 512 --json "$OUT/$s.json" ;;
+    tier24_buffered_prefetch) step $s $D --k 4 --cold --cap-fraction 0.02 --cache-experts 0.11 --host-cache 0.26 --no-direct --prefetch on --warm-prompt 512 --json "$OUT/$s.json" ;;
+    h200_page) step $s $D --k 4 --cache-experts 0.55 --no-direct --warm-prompt 512 --json "$OUT/$s.json" ;;
+    h200_tiers) step $s $D --k 4 --cache-experts 0.55 --host-cache all --direct --prefetch off --warm-prompt 512 --json "$OUT/$s.json" ;;
+    h200_tiers_prefetch) step $s $D --k 4 --cache-experts 0.55 --host-cache all --direct --prefetch on --warm-prompt 512 --json "$OUT/$s.json" ;;
+    h200_tiers_preload) step $s $D --k 4 --cache-experts 0.55 --host-cache all --direct --preload --warm-prompt 512 --profile "$OUT/$s.prof.txt" --json "$OUT/$s.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

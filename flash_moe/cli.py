@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from . import __version__
+from .layout import FLOAT_DTYPES
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
@@ -66,7 +67,14 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-io", default="auto", choices=("auto", "on", "off"),
                    help="read experts around the page cache with O_DIRECT (default auto: when a GPU cache is in front)")
     p.add_argument("--preload", action="store_true",
-                   help="fill the GPU expert cache before generating (progress bar; nothing to do without one)")
+                   help="fill the GPU (and host) expert caches before generating, most used first (progress bar)")
+    p.add_argument("--host-cache", default="auto",
+                   help="experts kept in host RAM behind the GPU cache (pinned on CUDA): a fraction of all experts, "
+                        "bytes like 24GB, 'all', or 'auto' (default: free RAM less a reserve on CUDA, none on Apple/CPU "
+                        "where the page cache is that tier); 0 turns it off")
+    p.add_argument("--prefetch", default="auto", choices=("auto", "on", "off"),
+                   help="read the next layer's likely experts into the host cache while a layer computes "
+                        "(default auto: on CUDA with a host cache)")
 
 
 def _loading_notes(args, model) -> None:
@@ -79,18 +87,29 @@ def _loading_notes(args, model) -> None:
         print(f"flash-moe: note: {', '.join(asked)} do nothing here: this folder is not converted, its experts "
               "are all in memory", file=sys.stderr)
     where = {"cuda": "on this CUDA GPU", "metal": "with Apple's unified memory"}.get(BACKEND, "with MLX on the CPU")
-    if model.store is not None and model.cache is None and args.preload:
+    if model.store is not None and model.device_cache is None and args.preload:
         print(f"flash-moe: note: --preload does nothing here: there is no device expert cache (--cache-experts "
               f"{args.cache_experts} keeps none {where})", file=sys.stderr)
-    elif model.cache is not None and BACKEND != "cuda" and args.cache_experts not in ("auto", "0"):
+    elif model.device_cache is not None and BACKEND != "cuda" and args.cache_experts not in ("auto", "0"):
         print(f"flash-moe: note: there is no separate GPU memory {where}: --cache-experts keeps "
-              f"{model.cache.capacity} experts in RAM beside the page cache, which already holds them once read",
+              f"{model.device_cache.capacity} experts in RAM beside the page cache, which already holds them once read",
               file=sys.stderr)
 
 
 def _loading(args) -> dict:
     direct = {"auto": "auto", "on": True, "off": False}[args.direct_io]
-    return dict(experts_per_token=args.k, cache_experts=args.cache_experts, direct_io=direct, preload=args.preload)
+    return dict(experts_per_token=args.k, cache_experts=args.cache_experts, direct_io=direct, preload=args.preload,
+                **_tier_options(args))
+
+
+def _tier_options(args) -> dict:
+    """--host-cache and --prefetch as load() takes them (left out at their defaults)."""
+    out = {}
+    if args.host_cache != "auto":
+        out["host_cache"] = args.host_cache
+    if args.prefetch != "auto":
+        out["prefetch"] = args.prefetch == "on"
+    return out
 
 
 def _sampling(args) -> dict:
@@ -249,7 +268,7 @@ def _k_list(text: str) -> list[int]:
 
 def _load_options(args) -> dict:
     return dict(cache_experts=args.cache_experts, direct_io={"auto": "auto", "on": True, "off": False}[args.direct_io],
-                preload=args.preload)
+                preload=args.preload, **_tier_options(args))
 
 
 def cmd_eval(args) -> None:
@@ -332,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert bits (16 = unquantized; default 4, or an MLX-quantized source's own)")
     p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
                    help="quantization group size (default 64, or an MLX-quantized source's own)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
                    help="dtype of scales/biases and of unquantized weights (default bfloat16, or an MLX-quantized "
                         "source's scales' dtype)")
     p.add_argument("--resident-bits", type=int, default=None, choices=(4, 8),

@@ -35,7 +35,7 @@ from .families import is_family
 from .files import (JSON_LIMIT, atomic_write_json, copy_file, create_new, locked, open_regular, read_bytes,
                     read_json, remove_entry)
 from .layout import ExpertLayout, ModelLayout, expert_checksum as checksum
-from .model import ModelArgs, WeightError, _rename, sanitize
+from .model import ModelArgs, WeightError, checkpoint_name, sanitize
 from .safetensors_io import SafetensorsIndex
 
 TOKENIZER_FILES = (
@@ -206,7 +206,7 @@ def verify_layer(path: Path, layout: ExpertLayout, num_experts: int, sums: list[
         os.close(fd)
 
 
-def _resident_quant(name: str, w: mx.array, bits: int, group_size: int) -> int | None:
+def resident_quant(name: str, w: mx.array, bits: int, group_size: int) -> int | None:
     """Bits for a resident matrix, or None to keep it float. Router and shared gate stay >= 8 bits."""
     if not name.endswith(".weight") or w.ndim != 2 or w.shape[-1] % group_size or "norm" in name:
         return None
@@ -220,7 +220,7 @@ def _resident_source(src_path: Path, files: list[Path], expert_keys: set, args: 
     """The non-expert weights under the model's names, lazy (nothing read yet), each checked against the
     shape the model gives it: a missing or misshaped tensor is found before anything is written."""
     tensors, where = read_tensors(files)  # lazy: each tensor is read when evaluated
-    raw = {k: v for k, v in tensors.items() if k not in expert_keys and _rename(k) is not None}
+    raw = {k: v for k, v in tensors.items() if k not in expert_keys and checkpoint_name(k) is not None}
     for key, w in raw.items():  # every weight is floating point, or a quantized (uint32) matrix
         packed = w.dtype == mx.uint32 and key.endswith(".weight") and key[: -len("weight")] + "scales" in raw
         if not (mx.issubdtype(w.dtype, mx.floating) or packed):
@@ -249,7 +249,7 @@ def _write_resident(weights: dict[str, mx.array], dst: Path, dtype: str, bits: i
             out[name] = w  # already quantized (mlx-community source)
         elif mx.issubdtype(w.dtype, mx.floating):
             w = w.astype(target)
-            b = _resident_quant(name, w, bits, group_size) if bits else None
+            b = resident_quant(name, w, bits, group_size) if bits else None
             if b:
                 path = name[: -len(".weight")]
                 out[name], out[path + ".scales"], out[path + ".biases"] = mx.quantize(w, group_size=group_size, bits=b)
@@ -264,8 +264,8 @@ def _write_resident(weights: dict[str, mx.array], dst: Path, dtype: str, bits: i
     if src_quant:  # mlx-community source: resident matrices were already quantized; carry their settings over
         quant = {k: v for k, v in src_quant.items() if not isinstance(v, dict)}
         for k, v in src_quant.items():
-            if isinstance(v, dict) and _rename(k + ".weight"):
-                quant[_rename(k + ".weight")[: -len(".weight")]] = v
+            if isinstance(v, dict) and checkpoint_name(k + ".weight"):
+                quant[checkpoint_name(k + ".weight")[: -len(".weight")]] = v
     partial = dst / "resident.partial.safetensors"
     with create_new(partial) as f:  # a new file: never through a link planted at that name
         mx.save_safetensors(f, out, metadata={"format": "mlx", "producer": "flash_moe"})

@@ -9,7 +9,7 @@ MLX's CUDA backend keeps host-made arrays in managed memory, which reaches the G
 - ``upload="copy"``: ``cudaMemcpyAsync`` moves them into a device staging buffer (~50 GB/s,
   the fetching thread waits), then the kernel copies device to device.
 
-``scatter`` is the ExpertCache's fill: another kernel (kernels/slot_scatter.body) copies slots into
+``scatter`` is the DeviceExpertCache's fill: another kernel (kernels/slot_scatter.body) copies slots into
 chosen positions of the cache's own MLX arrays, in place (MLX's CUDA SliceUpdate copies the array).
 
 The CUDA runtime is the libcudart that MLX itself loaded, called through ctypes.
@@ -27,15 +27,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernels
-from .layout import ExpertLayout
+from .layout import DIRECT_ALIGN, ExpertLayout, mlx_dtype, numpy_dtype
 
 _HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2
 _MEMCPY_HOST_TO_DEVICE = 1
 _STREAM_NON_BLOCKING = 1
 _ALIGN = 256
-_PAGE = 4096
-_NUMPY = {"uint32": np.uint32, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-_MLX = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _PULL_THREADS = 65536
 
 
@@ -150,9 +147,9 @@ class PinnedSlotBuffers:
             for _ in range(num_sets):
                 # cudaHostAlloc suballocates small requests (seen: ...6200); O_DIRECT reads want page-aligned
                 # destinations (ExpertStore(direct=True)), so each set starts on the next page.
-                raw = self.cuda.host_alloc(self.set_bytes + _PAGE)
+                raw = self.cuda.host_alloc(self.set_bytes + DIRECT_ALIGN)
                 self._allocs.append(raw)
-                host = raw + (-raw % _PAGE)
+                host = raw + (-raw % DIRECT_ALIGN)
                 self._host_ptrs.append(host)
                 if upload == "mapped":
                     source = self.cuda.device_pointer(raw) + host - raw
@@ -172,7 +169,7 @@ class PinnedSlotBuffers:
         views = {}
         for t, off in zip(self.layout.tensors, self._offsets):
             raw = (ctypes.c_char * (self.capacity * t.nbytes)).from_address(host_ptr + off)
-            views[t.name] = np.frombuffer(raw, dtype=_NUMPY[t.dtype]).reshape(self.capacity, *t.shape)
+            views[t.name] = np.frombuffer(raw, dtype=numpy_dtype(t.dtype)).reshape(self.capacity, *t.shape)
         return views
 
     def host_views(self, index: int) -> dict[str, np.ndarray]:
@@ -198,7 +195,7 @@ class PinnedSlotBuffers:
             "slot_pull",
             "cuda",
             {"meta": self._meta[index]},
-            {f"t{i}": ((self.capacity, *t.shape), _MLX[t.dtype]) for i, t in enumerate(tensors)},
+            {f"t{i}": ((self.capacity, *t.shape), mlx_dtype(t.dtype)) for i, t in enumerate(tensors)},
             {"COUNT": count, "WARPS": 8, "NTHREADS": _PULL_THREADS},
             grid=(_PULL_THREADS, 1, 1),
         )
@@ -208,7 +205,7 @@ class PinnedSlotBuffers:
         """Copy slots 0..count-1 of set ``index`` into ``targets[i][positions[slot]]``, in place, on the GPU.
 
         ``targets``: one evaluated, row-contiguous MLX array per layout tensor, in layout order, of shape
-        (N, *tensor.shape) (the ExpertCache's arrays). Returns a 1-element array holding 0. Evaluate it
+        (N, *tensor.shape) (the DeviceExpertCache's arrays). Returns a 1-element array holding 0. Evaluate it
         before anything reads the targets: MLX does not know they changed, so it orders no reader after the
         kernel (its CUDA graphs link kernels by the buffers they read), and a lazy output no one evaluates
         never runs.
@@ -216,7 +213,7 @@ class PinnedSlotBuffers:
         if len(targets) != len(self.layout.tensors):
             raise ValueError(f"scatter: {len(targets)} target arrays for {len(self.layout.tensors)} tensors")
         for t, a in zip(self.layout.tensors, targets):
-            if a.shape[1:] != tuple(t.shape) or a.dtype != _MLX[t.dtype]:
+            if a.shape[1:] != tuple(t.shape) or a.dtype != mlx_dtype(t.dtype):
                 raise ValueError(f"scatter: target for {t.name} is {a.shape} {a.dtype}, want (N, {t.shape}) {t.dtype}")
         positions = np.asarray(positions, np.int64)
         if len(positions) != count or count > self.capacity:
@@ -235,6 +232,32 @@ class PinnedSlotBuffers:
             grid=(_PULL_THREADS, 1, 1),
         )
         return done
+
+    def scatter_rows(self, rows, targets: list[mx.array], positions) -> mx.array:
+        """Copy slot ``rows[i]`` of set 0 into ``targets[j][positions[i]]``, in place, on the GPU: the host
+        tier's way to serve a device miss (one launch per expert; ``scatter``'s contract otherwise)."""
+        if self.upload != "mapped":
+            raise ValueError("scatter_rows reads the pinned memory in place: upload='mapped' only")
+        rows, positions = np.asarray(rows, np.int64), np.asarray(positions, np.int64)
+        if len(rows) != len(positions) or (len(rows) and (rows.min() < 0 or rows.max() >= self.capacity)):
+            raise ValueError(f"scatter_rows: rows {rows.tolist()} for positions {positions.tolist()}")
+        if not hasattr(self, "_mapped0"):
+            self._mapped0 = self.cuda.device_pointer(self._allocs[0]) + self._host_ptrs[0] - self._allocs[0]
+        source, done = self._mapped0, []
+        for row, at in zip(rows.tolist(), positions.tolist()):
+            # One slot seen as a set of its own: each tensor's offset moves to that slot's bytes.
+            meta = [source] + [v for t, off in zip(self.layout.tensors, self._offsets) for v in (off + row * t.nbytes, t.nbytes)]
+            (d,) = kernels.launch(
+                "slot_scatter",
+                "cuda",
+                {"meta": mx.array(np.array(meta, np.int64)), "pos": mx.array(np.array([at], np.int32)),
+                 **{f"c{i}": a for i, a in enumerate(targets)}},
+                {"done": ((1,), mx.int32)},
+                {"COUNT": 1, "WARPS": 8, "NTHREADS": _PULL_THREADS},
+                grid=(_PULL_THREADS, 1, 1),
+            )
+            done.append(d)
+        return mx.concatenate(done) if done else mx.zeros((1,), mx.int32)
 
     @property
     def nbytes(self) -> int:

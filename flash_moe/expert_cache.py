@@ -1,4 +1,4 @@
-"""ExpertCache: a device-memory tier in front of the ExpertStore, for discrete GPUs.
+"""DeviceExpertCache: a device-memory tier in front of the ExpertStore, for discrete GPUs.
 
 On unified memory (Apple) the page cache already is the fastest tier and every user-space cache
 lost (the seed engine measured it). A discrete GPU is another machine: an expert in GPU memory
@@ -8,12 +8,7 @@ indexes them directly, so a hit costs no copy at all. Misses are read by the sto
 into the positions of the least valuable entries (score = weight * uses + last use, the
 frequency-weighted LRU of the flash-moe CUDA port).
 
-Speculation: the per-layer host sync (to learn which experts to read) costs a round trip and stalls
-the GPU at every layer. When the last token found every expert it needed in the cache, the next one
-runs without it: each layer looks its experts' positions up on the device (``positions``), and
-the lookups are read back once, with the token's logits (``commit``). A lookup that found an
-expert missing voids the token; the caller restores its state and runs it again the synchronous way,
-which reads the missing experts in (see ``LoadedModel.__call__``).
+Speculation (tokens with no per-layer sync, betting every expert is here) lives in speculation.py.
 
 Filling in place: with pinned slot buffers (MLX's CUDA backend) a kernel copies the read slots
 straight into the cache arrays (``PinnedSlotBuffers.scatter``); MLX's own ``slice_update`` copies the
@@ -26,43 +21,40 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .layout import ExpertLayout
+from .expert_source import Entries, StoreSource, popularity_order
+from .layout import ExpertLayout, mlx_dtype
+from .speculation import Speculation
 
-_DTYPES = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
+class DeviceExpertCache:
+    """The GPU tier (an ``ExpertSource``, see expert_source.py): ``capacity`` experts of any layer in device
+    memory; misses come from ``next`` (a ``HostExpertCache`` or the store; default: the store).
 
-class ExpertCache:
-    """``owned`` (expert-parallel runs): ``{layer: bool [num_experts]}``, the experts this rank reads; preload
+    ``owned`` (expert-parallel runs): ``{layer: bool [num_experts]}``, the experts this rank reads; preload
     takes only those. Such runs do not speculate: each rank's cache would decide alone whether a token runs
     again, and the ranks' collectives would no longer pair up."""
 
-    def __init__(self, store, capacity: int, *, weight: float = 10.0, owned: dict | None = None):
+    def __init__(self, store, capacity: int, *, weight: float = 10.0, owned: dict | None = None, next=None,
+                 policy: str = "frequency"):
         layout: ExpertLayout = store.layout.expert
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
         self.store, self.capacity, self.weight = store, capacity, weight
+        self.next = next if next is not None else StoreSource(store)
         self.num_experts = store.layout.num_experts
         self.owned = owned
-        self.speculate = owned is None  # may tokens run without per-layer syncs when everything they need is cached
-        self.arrays = {t.name: mx.zeros((capacity, *t.shape), _DTYPES[t.dtype]) for t in layout.tensors}
+        self.speculation = Speculation(self, enabled=owned is None)
+        self.arrays = {t.name: mx.zeros((capacity, *t.shape), mlx_dtype(t.dtype)) for t in layout.tensors}
         mx.eval(list(self.arrays.values()))
-        # The in-place kernel fill where the slot buffers offer it (pinned CUDA memory), else slice_update.
-        self._scatter = getattr(store.buffers, "scatter", None)
         n_layers = max(store.layout.moe_layers, default=-1) + 1
-        self.position = np.full(n_layers * self.num_experts, -1, np.int64)  # key -> position, -1: not cached
-        self.keys = np.full(capacity, -1, np.int64)  # layer * num_experts + expert held at each position
-        self.uses = np.zeros(capacity, np.int64)
-        self.last = np.zeros(capacity, np.int64)
-        self.tick = 0
+        self.entries = Entries(capacity, n_layers, self.num_experts, policy, weight)
         self.hits = np.zeros(n_layers, np.int64)
         self.misses = np.zeros(n_layers, np.int64)
         self._readers: list[mx.array] = []
-        self.speculated = self.voided = 0  # tokens tried that way, and how many of them had to run again
-        self._clean = 0  # synchronous fetches in a row without a miss
-        self._moe_layers = len(store.layout.moe_layers)
-        self._rows: list[mx.array] | None = None  # per layer, expert -> position (-1: absent), on the device
-        self._lookups: list[mx.array] | None = None  # a speculative token's lookups, and their layers
-        self._layers: list[int] = []
+
+    @property
+    def position(self) -> np.ndarray:
+        return self.entries.position
 
     @property
     def nbytes(self) -> int:
@@ -80,63 +72,29 @@ class ExpertCache:
         ids = np.asarray(expert_ids, np.int64)
         if len(ids) > self.capacity:
             raise ValueError(f"layer {layer}: {len(ids)} experts requested, the cache holds {self.capacity}")
-        self.tick += 1
-        keys = layer * self.num_experts + ids
-        pos = self.position[keys]
+        pos = self.entries.lookup(layer, ids)
         miss = np.nonzero(pos < 0)[0]
         self.hits[layer] += len(ids) - len(miss)
         self.misses[layer] += len(miss)
-        self._clean = 0 if len(miss) else self._clean + 1
+        self.speculation.fetched(bool(len(miss)))
         if len(miss):
-            score = self.weight * self.uses + self.last
-            score[pos[pos >= 0]] = np.iinfo(np.int64).max  # never evict what this fetch uses
-            victims = np.argpartition(score, len(miss) - 1)[: len(miss)]
-            old = self.keys[victims]
-            self.position[old[old >= 0]] = -1
-            self._rows = None  # the device copy of the positions is stale
-            self._fill(layer, ids[miss], victims)
-            self.keys[victims], self.uses[victims] = keys[miss], 0
-            self.position[keys[miss]] = victims
+            victims = self.entries.victims(len(miss), keep=pos[pos >= 0])  # never evict what this fetch uses
+            if self._readers:  # what reads the entries about to be overwritten must have run
+                mx.eval(*self._readers)
+                self._readers.clear()
+            self.entries.place(layer, ids[miss], victims)
+            step = self.next.capacity
+            for first in range(0, len(miss), step):
+                self.next.fill_into(layer, ids[miss][first : first + step], self.arrays, victims[first : first + step])
             pos[miss] = victims
-        self.uses[pos] += 1
-        self.last[pos] = self.tick
+        self.entries.touch(pos)
         return self.arrays, pos
-
-    def _fill(self, layer: int, ids: np.ndarray, victims: np.ndarray) -> None:
-        if self._readers:  # what reads the entries about to be overwritten must have run
-            mx.eval(*self._readers)
-            self._readers.clear()
-        step = self.store.capacity
-        for first in range(0, len(ids), step):
-            slots = self.store.fetch(layer, ids[first : first + step])
-            where = victims[first : first + step]
-            if self._scatter is not None:
-                # Run the fill now. MLX does not know the kernel writes the cache arrays (they are its inputs),
-                # so nothing would order a later reader after it: its CUDA graphs link kernels by the buffers
-                # they read, and a lazy fill whose zero output no one evaluates never runs at all. The fetch has
-                # just synced on the routing, so the queue is empty and the wait is one kernel.
-                mx.eval(self._scatter(slots.index, slots.count, list(self.arrays.values()), where))
-                continue
-            for i, v in enumerate(where.tolist()):
-                at = mx.array([v])
-                # slice_update donates the cache buffer (in place; a gather-scatter would copy the whole
-                # cache: 25 ms vs 0.7 ms per expert into 1 GiB, measured on CPU).
-                for name in self.arrays:  # no other reference to the old array may survive, or MLX copies it
-                    self.arrays[name] = mx.slice_update(self.arrays[name], slots.arrays[name][i : i + 1], at, axes=(0,))
-            # Evaluate now: frees the slot set and leaves no pending reference that would force a copy later.
-            mx.eval(list(self.arrays.values()))
 
     def preload(self, progress: bool = False) -> int:
         """Fill the cache before decoding: every expert when they all fit, else the most used so far
         (the store's usage counts; rank by rank across layers). Returns how many were read. The hit and
         miss counters are left as they were: they describe decoding."""
-        usage = self.store.stats.usage
-        layers = self.store.layout.moe_layers
-        ranked = {l: np.argsort(-usage[l], kind="stable") for l in layers}
-        if self.owned is not None:
-            ranked = {l: r[self.owned[l][r]] for l, r in ranked.items()}
-        order = [(l, int(ranked[l][r])) for r in range(self.num_experts) for l in layers if r < len(ranked[l])]
-        order = order[: self.capacity]
+        order = popularity_order(self.store.stats.usage, self.store.layout.moe_layers, self.owned)[: self.capacity]
         todo = {}
         for l, e in order:
             if self.position[l * self.num_experts + e] < 0:
@@ -148,7 +106,7 @@ class ExpertCache:
             from tqdm import tqdm
 
             bar = tqdm(total=count, desc="preload experts", unit="expert")
-        step = self.store.capacity
+        step = min(self.store.capacity, self.capacity)
         for l, ids in todo.items():
             for first in range(0, len(ids), step):
                 self.fetch(l, ids[first : first + step])
@@ -157,56 +115,26 @@ class ExpertCache:
         if bar is not None:
             bar.close()
         self.hits[:], self.misses[:] = counters
-        self._clean = 0
+        self.speculation.clean = 0
         return count
 
-    # ---- speculation ---------------------------------------------------------------------------
-
+    # Speculation (speculation.py) bets on this tier; these two are its switch and its test.
     @property
-    def speculating(self) -> bool:
-        """Inside a speculative token (between ``begin`` and ``end``)."""
-        return self._lookups is not None
+    def speculate(self) -> bool:
+        return self.speculation.enabled
+
+    @speculate.setter
+    def speculate(self, on: bool) -> None:
+        self.speculation.enabled = on
 
     def should_speculate(self) -> bool:
-        """True when a whole token's worth of synchronous fetches in a row found every expert cached."""
-        return self.speculate and self._clean >= self._moe_layers
-
-    def begin(self) -> None:
-        if self._rows is None:  # upload the positions table (after fills only)
-            table = mx.array(self.position.reshape(-1, self.num_experts).astype(np.int32))
-            self._rows = [table[layer] for layer in range(table.shape[0])]
-            mx.eval(self._rows)
-        self._lookups, self._layers = [], []
-
-    def positions(self, layer: int, inds: mx.array) -> mx.array:
-        """Cache positions of ``inds`` (device ids, no sync); absent experts read position 0 and void the token."""
-        found = mx.take(self._rows[layer], inds)
-        self._lookups.append(found)
-        self._layers.append(layer)
-        return mx.maximum(found, 0)
-
-    def end(self) -> mx.array | None:
-        """The token's lookups as one array, to evaluate with its logits and hand to ``commit``."""
-        lookups, self._lookups = self._lookups, None
-        return mx.stack([a.reshape(-1) for a in lookups]) if lookups else None
-
-    def commit(self, lookups: mx.array | None) -> bool:
-        """Whether the speculative token stands (every expert was cached); books its hits and uses."""
-        self.speculated += 1
-        if lookups is None:
-            return True
-        found = np.array(lookups)  # [layers, pairs], evaluated with the logits
-        if (found < 0).any():
-            self.voided += 1
-            self._clean = 0
-            return False
-        self.tick += 1
-        np.add.at(self.hits, self._layers, found.shape[1])
-        np.add.at(self.uses, found.ravel(), 1)
-        self.last[found.ravel()] = self.tick
-        return True
+        """True when a whole token's worth of synchronous fetches in a row found every expert here."""
+        return self.speculation.should()
 
     def totals(self) -> dict:
         h, m = int(self.hits.sum()), int(self.misses.sum())
-        return {"hits": h, "misses": m, "hit_rate": h / max(h + m, 1), "resident": int((self.keys >= 0).sum()),
-                "capacity": self.capacity, "bytes": self.nbytes, "speculated": self.speculated, "voided": self.voided}
+        return {"hits": h, "misses": m, "hit_rate": h / max(h + m, 1), "resident": self.entries.resident,
+                "capacity": self.capacity, "bytes": self.nbytes, "speculated": self.speculation.speculated, "voided": self.speculation.voided}
+
+
+ExpertCache = DeviceExpertCache  # the name before the tiers had distinct words

@@ -50,12 +50,30 @@ def gather_mm(h, w, inds, sorted_indices=False):
     return out.astype(h.dtype)
 
 
-class StackedLinear(nn.Module):
-    """One projection of all experts: weight (E, out, in), or packed uint32 + scales + biases."""
+def project(h, arrays: dict, name: str, idx, bits: int, group_size: int, sorted_indices: bool = False):
+    """h @ w[idx].T for one projection ``name`` of stacked expert arrays (``{name}.weight`` and, quantized,
+    ``.scales``/``.biases``): resident parameters or slot arrays alike. Stored floats take the compute dtype,
+    as the resident model's do at load: float32 scales must not promote a bfloat16 model's activations."""
+    cast = lambda a: a if a.dtype == h.dtype else a.astype(h.dtype)
+    w = arrays[f"{name}.weight"]
+    if bits == 16:
+        return gather_mm(h, cast(w), idx, sorted_indices)
+    return mx.gather_qmm(h, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), rhs_indices=idx,
+                         transpose=True, group_size=group_size, bits=bits, sorted_indices=sorted_indices)
+
+
+def stacked_ffn(x, arrays: dict, inds, scores, bits: int, group_size: int):
+    """The one plain-MLX expert FFN: score-weighted SwiGLU of experts ``inds`` [N, K] of stacked ``arrays``
+    (per tensor (E or slots, ...)): x [N, D], scores [N, K] -> [N, D]. Rows are grouped by expert from 64 pairs."""
+    proj = lambda name, h, idx, s: project(h, arrays, name, idx, bits, group_size, s)
+    return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
+
+
+class StackedProjection(nn.Module):
+    """One projection's parameters for all experts: weight (E, out, in), or packed uint32 + scales + biases."""
 
     def __init__(self, num_experts, in_dim, out_dim, bits=16, group_size=64):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
         if bits == 16:
             self.weight = mx.zeros((num_experts, out_dim, in_dim))
         else:
@@ -63,23 +81,15 @@ class StackedLinear(nn.Module):
             self.scales = mx.zeros((num_experts, out_dim, in_dim // group_size))
             self.biases = mx.zeros((num_experts, out_dim, in_dim // group_size))
 
-    def __call__(self, h, inds, sorted_indices=False):
-        if self.bits == 16:
-            return gather_mm(h, self.weight, inds, sorted_indices)
-        return mx.gather_qmm(
-            h, self.weight, self.scales, self.biases, rhs_indices=inds, transpose=True,
-            group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices,
-        )
-
 
 class ResidentExperts(nn.Module):
     def __init__(self, num_experts, hidden, intermediate, bits=16, group_size=64):
         super().__init__()
-        self.gate_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
-        self.up_proj = StackedLinear(num_experts, hidden, intermediate, bits, group_size)
-        self.down_proj = StackedLinear(num_experts, intermediate, hidden, bits, group_size)
+        self.bits, self.group_size = bits, group_size
+        self.gate_proj = StackedProjection(num_experts, hidden, intermediate, bits, group_size)
+        self.up_proj = StackedProjection(num_experts, hidden, intermediate, bits, group_size)
+        self.down_proj = StackedProjection(num_experts, intermediate, hidden, bits, group_size)
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        proj = lambda name, h, idx, s: getattr(self, name)(h, idx, s)
-        return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
-
+        arrays = {f"{p}.{k}": a for p in ("gate_proj", "up_proj", "down_proj") for k, a in getattr(self, p).items()}
+        return stacked_ffn(x, arrays, inds, scores, self.bits, self.group_size)

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .files import CheckpointError
 from .layout import PROJECTIONS
-from .load import LoadedModel, cache_capacity, read_packed_experts, slot_buffers
+from .load import LoadedModel, cache_capacity, host_buffers, host_capacity, read_packed_experts, slot_buffers
 from .model import SUPPORTED_MODEL_TYPES
 
 EXTRA = 'pip install "flash-moe[mlx-lm]"'
@@ -228,10 +228,11 @@ def quantize_like(model: nn.Module, quant: dict | None, names: set[str]) -> None
 
 def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = None, threads: int = 8,
                 stream: bool = True, cache_experts="auto", read_chunk: int = 2 << 20,
-                direct_io: bool | str = "auto", verify: str = "off") -> FamilyModel:
+                direct_io: bool | str = "auto", verify: str = "off", host_cache="auto") -> FamilyModel:
     """A converted folder of a family mlx-lm implements: mlx-lm's model, routed experts from the ExpertStore."""
     from .checkpoint import load_weights, model_dtype, read_tensors
-    from .expert_cache import ExpertCache
+    from .expert_cache import DeviceExpertCache
+    from .host_cache import HostExpertCache
     from .experts import ResidentExperts
     from .family_experts import OwnFormExperts
     from .layout import ModelLayout
@@ -255,7 +256,7 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     if not resident.exists():
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where_from = read_tensors([resident])
-    store, cache = None, None
+    store, cache, host = None, None, None
     k = max((getattr(m, n) for m, n in routing_attrs(model, found)), default=None)
     if k is None:
         raise CheckpointError(f"{where}: mlx-lm's {config.get('model_type')} keeps its top-k under none of "
@@ -265,15 +266,20 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
         # OwnFormExperts read through the store alone: a device cache would only hold memory for them
         own = all(expert_form(s) == "own" for s in found.values())
         cached = 0 if own else cache_capacity(cache_experts, layout)
+        everything = cached >= len(layout.moe_layers) * layout.num_experts
+        hosted = 0 if own or (everything and host_cache == "auto") else host_capacity(host_cache, layout)
+        if hosted and not cached and host_buffers(layout) is not None:
+            raise ValueError("on CUDA the host tier serves a device tier: pass cache_experts > 0 with host_cache")
         if direct_io == "auto":
-            direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
+            direct_io = bool(cached or hosted) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                             buffers=slot_buffers(layout), direct=bool(direct_io), verify=verify)
-        cache = ExpertCache(store, cached) if cached else None
+        host = HostExpertCache(store, hosted, buffers=host_buffers(layout)) if hosted else None
+        cache = DeviceExpertCache(store, cached, next=host) if cached else None
 
     def provider(switch, layer):
         if stream and expert_form(switch) == "swiglu":
-            return StreamingExperts(store, layer, cache)
+            return StreamingExperts(store, layer, cache if cache is not None else host)
         if stream:
             return OwnFormExperts(switch.activation, e, layout.num_experts, store, layer)
         prefix = f"model.layers.{layer}.mlp.experts."
@@ -295,5 +301,5 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     fargs = FamilyArgs(config["model_type"], e.hidden, len(model.layers), layout.num_experts, k,
                        getattr(model.args, "vocab_size", config.get("vocab_size")), config.get("eos_token_id"))
     loaded = FamilyModel(model, config, path, store, fargs)
-    loaded.cache = cache
+    loaded.device_cache, loaded.host_cache = cache, host
     return loaded

@@ -12,18 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .experts import gather_mm
+from .experts import project
 from .layout import PROJECTIONS, ExpertLayout
-
-
-def project(h, arrays: dict, name: str, idx, layout: ExpertLayout):
-    """h @ w[idx].T for one projection of stacked (slot or resident) arrays, quantized or not."""
-    cast = lambda a: a if a.dtype == h.dtype else a.astype(h.dtype)
-    w = arrays[f"{name}.weight"]
-    if not layout.quantized:
-        return gather_mm(h, cast(w), idx)
-    return mx.gather_qmm(h, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), rhs_indices=idx,
-                         transpose=True, group_size=layout.group_size, bits=layout.bits)
 
 
 class Bias(nn.Module):
@@ -53,7 +43,8 @@ class OwnFormExperts(nn.Module):
         h = x[:, None, None, :]
 
         def proj(name, h):
-            return project(h, arrays, name, slots, self._layout) + getattr(self, name).bias[inds][..., None, :]
+            e = self._layout
+            return project(h, arrays, name, slots, e.bits, e.group_size) + getattr(self, name).bias[inds][..., None, :]
 
         y = proj("down_proj", self._activation(proj("up_proj", h), proj("gate_proj", h))).squeeze(-2)
         return (y * scores[..., None]).sum(axis=-2)

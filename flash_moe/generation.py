@@ -20,7 +20,7 @@ from .files import CheckpointError
 from .model import check_token_ids
 from .prompt_cache import make_prompt_cache
 from .sample import make_logits_processors, make_sampler, step_keys
-from .tool_calls import ToolCallError, ToolCallStreamParser, _partial_tag_len
+from .tool_calls import ToolCallError, ToolCallStreamParser, partial_tag_len
 
 
 def generate_step(prompt: mx.array, model, *, max_tokens: int = 256, sampler=None, logits_processors=(),
@@ -168,7 +168,7 @@ class TextStream:
         if cut >= 0:
             delta, self.pending = self.pending[:cut], ""
             return delta, "stop"
-        keep = _partial_tag_len(self.pending, self.stop) if self.stop and not finish else 0
+        keep = partial_tag_len(self.pending, self.stop) if self.stop and not finish else 0
         delta, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return delta, finish
 

@@ -17,11 +17,36 @@ from pathlib import Path
 from .files import CheckpointError, read_json
 
 FORMAT_VERSION = 1
+# Alignments, in one place. In the file: every tensor on TENSOR_ALIGN, every expert on STRIDE_ALIGN.
 TENSOR_ALIGN = 64
 STRIDE_ALIGN = 16 * 1024
+# Direct reads (O_DIRECT) want buffers, offsets and lengths on the device's logical block: 4 KiB covers all.
+DIRECT_ALIGN = 4096
+# Slot buffers in memory: flash-moe measured 2 MB-aligned read destinations 3.6x faster than 16 KB-aligned
+# (macOS, warm); each tensor's slots start on SLOT_TENSOR_ALIGN inside a set.
+SLOT_SET_ALIGN = 2 << 20
+SLOT_TENSOR_ALIGN = 16 << 10
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The dtypes of stored tensors, with their bytes per element. bfloat16 has no numpy dtype: it is stored and
+# read as uint16, and shown to MLX as bfloat16 through a view (which shares the buffer).
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4}
+STORAGE_DTYPE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "uint32": "uint32"}
+
+
+def numpy_dtype(dtype: str):
+    """The numpy dtype that holds a stored ``dtype``'s bytes (uint16 for bfloat16)."""
+    import numpy as np
+
+    return np.dtype(STORAGE_DTYPE[dtype])
+
+
+def mlx_dtype(dtype: str, storage: bool = False):
+    """The MLX dtype of a stored ``dtype``; ``storage=True``: the one its bytes are written through."""
+    import mlx.core as mx
+
+    return getattr(mx, STORAGE_DTYPE[dtype] if storage else dtype)
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # of scales, biases and unquantized weights
 
 
 def expert_checksum(data) -> str:
@@ -70,8 +95,8 @@ class ExpertLayout:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.bits != 16 and self.bits not in QUANT_BITS:
             raise ValueError(f"bits must be 16 or one of {QUANT_BITS}, got {self.bits}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
         if self.bits != 16:
             for dim in (self.hidden, self.intermediate):
                 if dim % self.group_size or (dim * self.bits) % 32:

@@ -16,7 +16,7 @@ from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_args, model_dtype,
                          read_config, read_tensors)
 from .files import open_regular
-from .layout import ModelLayout, expert_checksum
+from .layout import ModelLayout, expert_checksum, mlx_dtype, numpy_dtype
 from .model import Model, ModelArgs, check_token_ids
 
 
@@ -37,9 +37,31 @@ class LoadedModel:
         self.raw_config = config
         self.path = path
         self.store = store
-        self.cache = None  # the ExpertCache, when one was asked for
+        self.device_cache = None  # the DeviceExpertCache (GPU tier), when one was asked for
+        self.host_cache = None  # the HostExpertCache (RAM tier), when one was asked for
+        self.prefetcher = None  # the prefetch.Prefetcher, when prefetching
         self.parallel = None  # expert-parallel runs: this rank's distributed.Parallel (group, expert owners)
         self._tokenizer = None
+
+    @property
+    def cache(self):
+        """``device_cache``'s former name (the word "cache" alone now means the prompt cache: KV/GDN state)."""
+        return self.device_cache
+
+    @cache.setter
+    def cache(self, tier) -> None:
+        self.device_cache = tier
+
+    def tier_totals(self) -> dict:
+        """Hits and misses per memory tier (device, host) and the store's reads."""
+        out = {}
+        if self.device_cache is not None:
+            out["device"] = self.device_cache.totals()
+        if self.host_cache is not None:
+            out["host"] = self.host_cache.totals()
+        if self.store is not None:
+            out["store"] = self.store.stats.totals()
+        return out
 
     @property
     def config(self) -> ModelArgs:
@@ -55,24 +77,9 @@ class LoadedModel:
         """``self(tokens, cache)`` without the id check, for callers whose ids are known to be in range."""
         if tokens.ndim == 1:
             tokens = tokens[None]
-        if self.cache is not None and cache is not None and tokens.shape[1] == 1 and self.cache.should_speculate():
-            return self._speculative_step(tokens, cache)
-        return self.model(tokens, cache)
-
-    def _speculative_step(self, tokens: mx.array, cache: list) -> mx.array:
-        """One token with no host sync per layer, betting that every expert it needs is in the device cache
-        (see expert_cache.py). A lost bet restores the caches and runs the token again, reading the misses."""
-        saved = [c.snapshot() for c in cache]
-        self.cache.begin()
-        try:
-            logits = self.model(tokens, cache)
-        finally:
-            lookups = self.cache.end()
-        mx.eval(logits, lookups)
-        if self.cache.commit(lookups):
-            return logits
-        for c, s in zip(cache, saved):
-            c.restore(s)
+        tier = self.device_cache
+        if tier is not None and cache is not None and tokens.shape[1] == 1 and tier.should_speculate():
+            return tier.speculation.step(self.model, tokens, cache)  # see speculation.py
         return self.model(tokens, cache)
 
     def make_cache(self) -> list:
@@ -136,6 +143,8 @@ class LoadedModel:
     def close(self) -> None:
         if self.parallel is not None:
             self.parallel.close()
+        if self.host_cache is not None:
+            self.host_cache.close()
         if self.store is not None:
             self.store.close()
 
@@ -229,10 +238,9 @@ def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str
                                   f"(damaged, or from another conversion); run `flash-moe verify {path}`")
     out = {}
     for t in e.tensors:
-        storage = {"bfloat16": np.uint16}.get(t.dtype, t.dtype)
-        a = np.ascontiguousarray(raw[:, t.offset : t.offset + t.nbytes]).view(storage).reshape(-1, *t.shape)
-        a = mx.array(a)
-        out[f"model.layers.{layer}.mlp.experts.{t.name}"] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
+        a = np.ascontiguousarray(raw[:, t.offset : t.offset + t.nbytes]).view(numpy_dtype(t.dtype))
+        a = mx.array(a.reshape(-1, *t.shape))
+        out[f"model.layers.{layer}.mlp.experts.{t.name}"] = a.view(mlx_dtype(t.dtype)) if t.dtype == "bfloat16" else a
     return out
 
 
@@ -278,13 +286,83 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
     return max(1, min(n, total))
 
 
+def host_capacity(spec, layout: ModelLayout) -> int:
+    """Experts a HostExpertCache should hold: ``spec`` is a fraction in (0, 1) of all the model's experts,
+    "all", bytes (an integer >= 1, or a string such as "24GB" / "24GiB"), or "auto": on a discrete GPU (MLX's
+    CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere none (on Apple and the CPU the
+    page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
+    the page cache would): "all" holds every expert. load() skips an "auto" host tier when the device tier
+    holds every expert already."""
+    total = len(layout.moe_layers) * layout.num_experts
+    if spec in (None, 0, "0", False, "off"):
+        return 0
+    if spec == "all":
+        return total
+    if spec == "auto":
+        from . import kernels
+
+        if kernels.BACKEND != "cuda" or not layout.expert.quantized:
+            return 0
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        free, ram = (int(info[k].split()[0]) << 10 for k in ("MemAvailable", "MemTotal"))
+        return min(total, max(0, free - max(8 << 30, ram // 8)) // layout.expert.expert_bytes)
+    bad = f"host_cache must be a fraction in (0, 1), bytes (e.g. 24GB), 'all' or 'auto', got {spec!r}"
+    text = str(spec).strip().upper()
+    units = {"GIB": 1 << 30, "MIB": 1 << 20, "GB": 10**9, "MB": 10**6, "G": 1 << 30, "M": 1 << 20, "": 1}
+    unit = next(u for u in units if text.endswith(u))
+    try:
+        value = float(text[: len(text) - len(unit)])
+    except ValueError:
+        raise ValueError(bad) from None
+    if value <= 0 or (not unit and value != int(value) and value >= 1):
+        raise ValueError(bad)
+    n = round(value * total) if not unit and value < 1 else int(value * units[unit]) // layout.expert.expert_bytes
+    return max(1, min(n, total)) if total else 0
+
+
+def host_buffers(layout: ModelLayout):
+    """The host tier's storage: page-locked, GPU-mapped memory on CUDA; MLX host arrays elsewhere."""
+    from . import kernels
+
+    if kernels.BACKEND == "cuda" and layout.expert.quantized:
+        from functools import partial
+
+        from .cuda_host import PinnedSlotBuffers
+
+        return partial(PinnedSlotBuffers, upload="mapped")
+    return None
+
+
+def prefetch_default() -> bool:
+    """Prefetching by default: on CUDA only (see docs/architecture.md, "Memory tiers")."""
+    from . import kernels
+
+    return kernels.BACKEND == "cuda"
+
+
+def attach_prefetcher(model: Model, host, device=None):
+    """A Prefetcher on every streamed MoE layer that has a MoE layer after it; returns it."""
+    from .prefetch import Prefetcher
+    from .streaming import StreamingExperts
+
+    moe = [i for i, layer in enumerate(model.layers) if isinstance(getattr(getattr(layer, "mlp", None), "experts", None),
+                                                                   StreamingExperts)]
+    blocks = {a: (b, model.layers[b].mlp) for a, b in zip(moe, moe[1:])}
+    prefetcher = Prefetcher(blocks, host, device)
+    for i in moe:
+        model.layers[i].mlp.experts.prefetch = prefetcher
+    return prefetcher
+
+
 def load_converted(path: Path, dtype=None, slots: int | None = None, threads: int = 8, stream: bool = True,
                    cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-                   direct_io: bool | str = "auto", verify: str = "off", group="auto") -> LoadedModel:
+                   direct_io: bool | str = "auto", verify: str = "off", group="auto", host_cache="auto",
+                   prefetch: bool | str = "auto", host_policy: str = "frequency") -> LoadedModel:
     """A converted folder: resident weights in memory, routed experts read per token by an ExpertStore
     (or, with ``stream=False``, all read into memory once)."""
-    from .expert_cache import ExpertCache
+    from .expert_cache import DeviceExpertCache
     from .experts import ResidentExperts
+    from .host_cache import HostExpertCache
     from .families import is_family, load_family
     from .store import ExpertStore, direct_readable
     from .streaming import StreamingExperts
@@ -296,7 +374,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
                              f"(model_type {config.get('model_type')!r}); pass group=None to run each process alone")
         return load_family(path, config, dtype=dtype, slots=slots, threads=threads, stream=stream,
                            cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
-                           verify=verify)
+                           verify=verify, host_cache=host_cache)
     args = model_args(config, path)
     layout = ModelLayout.read(path)
     resident = path / "resident.safetensors"
@@ -304,7 +382,7 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         raise CheckpointError(f"{resident}: missing; the conversion did not finish (rerun flash-moe convert)")
     weights, where = read_tensors([resident])
     check_layout(layout, args, config, weights, path)
-    e, store, cache = layout.expert, None, None
+    e, store, cache, host = layout.expert, None, None, None
     parallel = distributed.plan(group, path, layout)
     if parallel is not None and not stream:
         raise ValueError("an expert-parallel run streams its experts: load with stream=True, or group=None")
@@ -313,16 +391,24 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         cached = cache_capacity(cache_experts, layout)
         if parallel is not None:  # a rank caches only what it owns
             cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
-        if direct_io == "auto":  # around the page cache only when a device cache is the cache tier
-            direct_io = bool(cached) and direct_readable(path, layout, read_chunk)
+        everything = cached >= len(layout.moe_layers) * layout.num_experts  # the device tier holds every expert
+        hosted = 0 if parallel is not None or (everything and host_cache == "auto") else host_capacity(host_cache, layout)
+        if direct_io == "auto":  # around the page cache only when a tier of our own is the cache tier
+            direct_io = bool(cached or hosted) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,
                              buffers=slot_buffers(layout), direct=bool(direct_io), verify=verify)
+        if hosted:
+            if not cached and host_buffers(layout) is not None:
+                raise ValueError("on CUDA the host tier serves a device tier: pass cache_experts > 0 with host_cache")
+            host = HostExpertCache(store, hosted, policy=host_policy, buffers=host_buffers(layout))
         if cached:
-            cache = ExpertCache(store, cached, owned=parallel and {l: parallel.owned(l) for l in layout.moe_layers})
-        factory = lambda layer: StreamingExperts(store, layer, cache)
+            cache = DeviceExpertCache(store, cached, owned=parallel and {l: parallel.owned(l) for l in layout.moe_layers},
+                                      next=host)
+        first = cache if cache is not None else host
+        factory = lambda layer: StreamingExperts(store, layer, first)
         if parallel is not None:
             factory = lambda layer: distributed.ExpertParallel(
-                StreamingExperts(store, layer, cache, owned=parallel.owned(layer)), parallel)
+                StreamingExperts(store, layer, first, owned=parallel.owned(layer)), parallel)
     else:
         for layer in layout.moe_layers:
             weights.update(read_packed_experts(path, layout, layer, verify))
@@ -331,14 +417,17 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     load_weights(model, weights, {k: k for k in weights}, where, path, dtype or model_dtype(weights))
     mx.eval(model.parameters())
     loaded = LoadedModel(model, config, path, store)
-    loaded.cache, loaded.parallel = cache, parallel
+    loaded.device_cache, loaded.host_cache, loaded.parallel = cache, host, parallel
+    if host is not None and (prefetch_default() if prefetch == "auto" else prefetch):
+        loaded.prefetcher = attach_prefetcher(model, host, cache)
     return loaded
 
 
 def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None = None,
          slots: int | None = None, threads: int = 8, stream: bool = True,
          cache_experts: int | float | str = "auto", read_chunk: int = 2 << 20,
-         direct_io: bool | str = "auto", preload: bool = False, verify: str = "off", group="auto") -> LoadedModel:
+         direct_io: bool | str = "auto", preload: bool = False, verify: str = "off", group="auto",
+         host_cache: int | float | str = "auto", prefetch: bool | str = "auto") -> LoadedModel:
     """Load a model folder: a Hugging Face checkpoint, or a folder made by ``flash_moe.convert``.
 
     Args:
@@ -356,8 +445,14 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         read_chunk: bytes per read; an expert's reads run in parallel over the reader threads.
         direct_io: read experts around the page cache (O_DIRECT): True, False, or "auto" (the default:
             when a device cache is in front, the layout is 4 KiB-aligned and the filesystem allows it).
-        preload: fill the device cache before returning (every expert when they fit; with a progress bar).
-            Without a device cache there is nothing to fill and this does nothing.
+        host_cache: keep experts in host RAM between the device cache and the store (a ``HostExpertCache``;
+            page-locked on CUDA, where a device miss it holds costs a PCIe copy instead of a disk read): a
+            fraction in (0, 1) of all experts, bytes ("24GB", or an integer), "all", or "auto" (the default:
+            free RAM less a reserve on CUDA, none on Apple and the CPU, where the page cache is that tier).
+        prefetch: while a layer computes, read the next layer's likely experts (its router on this layer's
+            hidden state) into the host tier: True, False or "auto" (on with a host tier on CUDA only).
+        preload: fill the device and host tiers before returning, most used experts first (every expert when
+            they fit; with a progress bar). Without a tier there is nothing to fill and this does nothing.
         verify: check experts against layout.json's checksums the first time each is read: "off" (default),
             "sample" (1 in 16 of each layer's experts) or "full" (every expert). Hashing is slower than
             reading (docs/format.md, "What is checked", has the numbers), hence "off". A mismatch is a
@@ -379,7 +474,7 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
     if (path / "layout.json").exists():
         loaded = load_converted(path, dtype=_dtype(dtype), slots=slots, threads=threads, stream=stream,
                                 cache_experts=cache_experts, read_chunk=read_chunk, direct_io=direct_io,
-                                verify=verify, group=group)
+                                verify=verify, group=group, host_cache=host_cache, prefetch=prefetch)
     else:
         if distributed.resolve_group(group) is not None:
             raise ValueError(f"{path}: an expert-parallel run needs a converted folder (flash-moe convert); "
@@ -393,6 +488,9 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
         loaded = LoadedModel(model, config, path)
     if experts_per_token is not None:
         loaded.set_experts_per_token(experts_per_token)
-    if preload and loaded.cache is not None:
-        loaded.cache.preload(progress=True)
+    device, host = loaded.device_cache, loaded.host_cache
+    if preload and (device is not None or host is not None):
+        from .host_cache import preload_tiers
+
+        preload_tiers(loaded.store, device, host, device and device.owned, progress=True)
     return loaded

@@ -277,7 +277,7 @@ class WeightError(ValueError):
 ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
-def _rename(key: str) -> str | None:
+def checkpoint_name(key: str) -> str | None:
     """Map one checkpoint key to this model's naming; None drops it (vision tower, MTP head)."""
     for prefix in ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "mtp.", "model.mtp."):
         if key.startswith(prefix):
@@ -323,7 +323,7 @@ def sanitize(weights: dict, args: ModelArgs, hf_norms: bool = True) -> tuple[dic
     """
     out, origin, experts = {}, {}, {}
     for key, w in weights.items():
-        new = _rename(key)
+        new = checkpoint_name(key)
         if new is None:
             continue
         if ".mlp.experts." in new:

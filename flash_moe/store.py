@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .files import CheckpointError, open_regular
-from .layout import ModelLayout, expert_checksum
+from .layout import DIRECT_ALIGN, ModelLayout, expert_checksum
 from .slots import HostSlotBuffers, SlotSet
 
 # Without RWF_NOWAIT (macOS, or a filesystem that refuses it) a read counts as a page-cache hit when one
@@ -201,7 +201,6 @@ def _chunks(iov: list[memoryview], size: int) -> list[tuple[int, list[memoryview
 
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-DIRECT_ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths on the device's logical block: 4 KiB covers all
 
 
 def direct_supported() -> bool:
@@ -326,6 +325,7 @@ class ExpertStore:
         self._pending: list[list] = [[] for _ in range(num_sets)]
         self._next_set = 0
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # fetches and a prefetcher's read_into both record
         self._pool = _ReadPool(threads)
         self.stats = IOStats.zeros(max(self.layout.moe_layers, default=-1) + 1, self.layout.num_experts)
         self.verify_mode = verify
@@ -340,25 +340,26 @@ class ExpertStore:
 
     def _plan(self, views: dict[str, np.ndarray]) -> list[list]:
         """Per slot, the expert's bytes in file order as read chunks [(offset in expert, buffers, bytes)]."""
-        plan = []
-        for slot in range(self.capacity):
-            iov, pos = [], 0
-            for t in self.layout.expert.tensors:
-                if t.offset > pos:
-                    iov.append(self._scratch[: t.offset - pos])
-                view = views[t.name]
-                if view.shape != (self.capacity, *t.shape) or view.nbytes != self.capacity * t.nbytes:
-                    raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
-                if self.direct and not (_direct_aligned(t) and view.ctypes.data % DIRECT_ALIGN == 0):
-                    raise ValueError(
-                        f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
-                        f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
-                        f"{view.ctypes.data:#x}; read through the page cache (direct_io=False) instead"
-                    )
-                iov.append(memoryview(view[slot]).cast("B"))
-                pos = t.offset + t.nbytes
-            plan.append(_chunks(iov, self._read_chunk))
-        return plan
+        return [self._slot_plan(views, slot, self.capacity) for slot in range(self.capacity)]
+
+    def _slot_plan(self, views: dict[str, np.ndarray], slot: int, capacity: int) -> list:
+        """Read chunks of one slot of ``views`` (per tensor, shape (capacity, *shape))."""
+        iov, pos = [], 0
+        for t in self.layout.expert.tensors:
+            if t.offset > pos:
+                iov.append(self._scratch[: t.offset - pos])
+            view = views[t.name]
+            if view.shape != (capacity, *t.shape) or view.nbytes != capacity * t.nbytes:
+                raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
+            if self.direct and not (_direct_aligned(t) and view.ctypes.data % DIRECT_ALIGN == 0):
+                raise ValueError(
+                    f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
+                    f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
+                    f"{view.ctypes.data:#x}; read through the page cache (direct_io=False) instead"
+                )
+            iov.append(memoryview(view[slot]).cast("B"))
+            pos = t.offset + t.nbytes
+        return _chunks(iov, self._read_chunk)
 
     @property
     def probe(self) -> str | None:
@@ -380,8 +381,7 @@ class ExpertStore:
         if not self._finalizer.alive:
             raise ValueError(f"ExpertStore of {self.folder} is closed")
         ids = self._check(layer, expert_ids)
-        fd, n = self._read_files.fds[layer], len(ids)
-        done: SimpleQueue = SimpleQueue()  # per fetch, so an interrupted fetch cannot leak results into the next
+        n = len(ids)
         with self._lock:
             index = self._next_set
             self._next_set = (index + 1) % self.num_sets
@@ -389,32 +389,60 @@ class ExpertStore:
             if pending:
                 mx.eval(*pending)  # the computation that used this set must finish before we overwrite it
                 pending.clear()
-            iovecs = self._iovecs[index]
-            # Every chunk of every expert goes to the pool at once: K whole-expert reads would keep only
-            # K threads copying (page-cache hits are memcpy-bound per thread).
-            jobs = [(fd, iov, layer, ids[slot], delta, size) for slot in range(n) for delta, iov, size in iovecs[slot]]
-            start = time.perf_counter()
-            for job in jobs[1:]:
-                self._pool.submit(self._read_chunk_of, job, done)
-            results = []
-            if jobs:
-                try:
-                    results.append(self._read_chunk_of(*jobs[0]))
-                except Exception as e:  # noqa: BLE001 - raised below, once the other reads are done
-                    results.append(e)
-            results += [done.get() for _ in range(len(jobs) - 1)]
-            seconds = time.perf_counter() - start
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            per = len(iovecs[0]) if n else 1  # chunks per expert, in job order
-            hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
-            missed = sum(job[-1] for job, hit in zip(jobs, results) if hit is False)
-            self._record(layer, ids, hits, seconds, missed)
+            self._read(layer, ids, self._iovecs[index][:n], self._pool)
             if self._unchecked is not None:
-                self._check_sums(layer, ids, index)
+                self._check_sums(layer, ids, self.buffers.host_views(index), range(n))
             arrays = self.buffers.compute_arrays(index, n)
         return SlotSet(arrays, n, ids, index, pending)
+
+    def read_into(self, layer: int, expert_ids, views: dict[str, np.ndarray], slots, parallel: bool = True) -> None:
+        """Read ``expert_ids`` of ``layer`` into ``views[name][slots[i]]`` (per tensor, numpy arrays of shape
+        (n, *shape), e.g. a host tier's buffers), counted in ``stats`` as fetches are. ``parallel``: over the
+        reader threads (False: in the calling thread, e.g. a prefetcher's, so demand reads never queue behind it).
+        The caller keeps ``views`` unread by pending computation at those slots until this returns."""
+        if not self._finalizer.alive:
+            raise ValueError(f"ExpertStore of {self.folder} is closed")
+        ids = [int(e) for e in expert_ids]
+        for e in ids:
+            if not 0 <= e < self.layout.num_experts:
+                raise ValueError(f"layer {layer}: expert {e} out of range (0..{self.layout.num_experts - 1})")
+        if layer not in self._files.fds:
+            raise ValueError(f"layer {layer} has no expert file in {self.folder}")
+        n = len(next(iter(views.values())))
+        slots = [int(slot) for slot in slots]
+        plans = [self._slot_plan(views, slot, n) for slot in slots]
+        self._read(layer, ids, plans, self._pool if parallel else None)
+        if self._unchecked is not None:
+            self._check_sums(layer, ids, views, slots)
+
+    def _read(self, layer: int, ids: list[int], plans: list, pool) -> None:
+        """Read expert ``ids[i]`` by the chunks ``plans[i]``, over ``pool`` (None: this thread), and record it."""
+        fd = self._read_files.fds[layer]
+        done: SimpleQueue = SimpleQueue()  # per read, so an interrupted read cannot leak results into the next
+        # Every chunk of every expert goes to the pool at once: K whole-expert reads would keep only
+        # K threads copying (page-cache hits are memcpy-bound per thread).
+        jobs = [(fd, iov, layer, ids[i], delta, size) for i in range(len(ids)) for delta, iov, size in plans[i]]
+        start = time.perf_counter()
+        if pool is not None:
+            for job in jobs[1:]:
+                pool.submit(self._read_chunk_of, job, done)
+        results = []
+        for job in jobs[:1] if pool is not None else jobs:
+            try:
+                results.append(self._read_chunk_of(*job))
+            except Exception as e:  # noqa: BLE001 - raised below, once the other reads are done
+                results.append(e)
+        if pool is not None:
+            results += [done.get() for _ in range(len(jobs) - 1)]
+        seconds = time.perf_counter() - start
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        per = len(plans[0]) if plans else 1  # chunks per expert, in job order
+        hits = [None if results[i] is None else all(results[i : i + per]) for i in range(0, len(results), per)]
+        missed = sum(job[-1] for job, hit in zip(jobs, results) if hit is False)
+        with self._stats_lock:
+            self._record(layer, ids, hits, seconds, missed)
 
     def _check(self, layer: int, expert_ids) -> list[int]:
         if layer not in self._files.fds:
@@ -438,20 +466,21 @@ class ExpertStore:
             raise ValueError(f"layer {layer}: expert ids must be distinct, got {dup} more than once")
         return ids
 
-    def _check_sums(self, layer: int, ids: list[int], index: int) -> None:
-        """Hash the experts of this fetch not checked yet (in parallel on the pool) against layout.json."""
-        todo = np.flatnonzero(self._unchecked[layer, ids]).tolist()
+    def _check_sums(self, layer: int, ids: list[int], views: dict, slots) -> None:
+        """Hash the experts just read into ``views[name][slots[i]]`` not checked yet (in parallel on the pool)."""
+        todo = [(i, slot) for i, slot in enumerate(slots) if self._unchecked[layer, ids[i]]]
         if not todo:
             return
-        views, done = self.buffers.host_views(index), SimpleQueue()
-        for slot in todo:
+        done = SimpleQueue()
+        for _, slot in todo:
             self._pool.submit(self._slot_checksum, (views, slot), done)
-        results = [done.get() for _ in todo]
-        for r in results:
+        got = [done.get() for _ in todo]
+        for r in got:
             if isinstance(r, BaseException):
                 raise r
-        for slot, got in sorted(results):
-            e, want = ids[slot], self.layout.checksums[layer][ids[slot]]
+        results = dict(got)
+        for i, slot in todo:
+            e, want, got = ids[i], self.layout.checksums[layer][ids[i]], results[slot]
             if got != want:
                 raise CheckpointError(
                     f"{self._files.paths[layer]}: layer {layer} expert {e}: checksum {got} does not match "

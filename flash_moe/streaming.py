@@ -11,32 +11,15 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
-from .experts import gather_mm, switch_glu
+from .expert_source import StoreSource
+from .experts import stacked_ffn
 from .layout import ExpertLayout
 
 
-def slot_ffn(x, arrays: dict, inds, scores, layout: ExpertLayout):
-    """Score-weighted SwiGLU of the experts in slot arrays (S, ...): x [N, D], inds/scores [N, K] -> [N, D]."""
-
-    def proj(name, h, idx, sorted_indices):
-        # Stored floats take the compute dtype, as the resident model's do at load: float32 scales
-        # must not promote a bfloat16 model's activations to float32.
-        cast = lambda a: a if a.dtype == h.dtype else a.astype(h.dtype)
-        w = arrays[f"{name}.weight"]
-        if not layout.quantized:
-            return gather_mm(h, cast(w), idx, sorted_indices)
-        return mx.gather_qmm(
-            h, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), rhs_indices=idx, transpose=True,
-            group_size=layout.group_size, bits=layout.bits, sorted_indices=sorted_indices,
-        )
-
-    return switch_glu(x, inds, proj, scores, sort=inds.size >= 64)
-
-
 def expert_compute(x, arrays: dict, inds, scores, layout: ExpertLayout):
-    """The fused Metal/CUDA kernels where the backend has them, else ``slot_ffn`` (MLX ops)."""
+    """The fused Metal/CUDA kernels where the backend has them, else ``stacked_ffn`` (MLX ops)."""
     if kernels.BACKEND == "ops" or not layout.quantized:
-        return slot_ffn(x, arrays, inds, scores, layout)
+        return stacked_ffn(x, arrays, inds, scores, layout.bits, layout.group_size)
     from .kernels.expert_ffn import expert_ffn
 
     return expert_ffn(x, arrays, inds, scores, bits=layout.bits, group_size=layout.group_size)
@@ -47,21 +30,33 @@ def _bucket(n: int) -> int:
 
 
 class StreamingExperts(nn.Module):
-    """The experts of one MoE layer, read from ``store`` (through a device ``cache`` when given).
+    """The experts of one MoE layer, from ``source`` (the first memory tier: a ``DeviceExpertCache`` or
+    ``HostExpertCache``, see expert_source.py) or, without one, read from ``store`` on every call.
 
     ``owned`` (bool [num_experts], expert-parallel runs): only those experts are read and computed; the
     (token, k) pairs routed to the others contribute zero, so the result is this rank's partial sum.
+    ``prefetch`` (set by load): a ``prefetch.Prefetcher`` that guesses the next layer's experts from this
+    layer's hidden state, read into the host tier while this layer computes.
     """
 
-    def __init__(self, store, layer: int, cache=None, owned: np.ndarray | None = None):
+    def __init__(self, store, layer: int, source=None, owned: np.ndarray | None = None):
         super().__init__()
         # Plain attributes (not parameters): the store owns the bytes, the model never saves them.
-        self._store, self._layer, self._layout, self._cache = store, layer, store.layout.expert, cache
+        self._store, self._layer, self._layout = store, layer, store.layout.expert
+        self._direct = StoreSource(store)
+        self._tiered = source is not None
+        self._source = source if source is not None else self._direct
         self._owned = None if owned is None or owned.all() else np.asarray(owned, bool)
+        self.prefetch = None
 
     def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        if self._cache is not None and self._cache.speculating:  # a speculative token: no sync
-            return expert_compute(x, self._cache.arrays, self._cache.positions(self._layer, inds), scores, self._layout)
+        bet = getattr(self._source, "speculation", None)
+        if bet is not None and bet.active:  # a speculative token (speculation.py): no sync
+            return expert_compute(x, self._source.arrays, bet.positions(self._layer, inds), scores, self._layout)
+        guess = self.prefetch.guess(self._layer, x) if self.prefetch is not None else None
+        if guess is not None:
+            mx.eval(inds, guess)  # one sync for both
+            self.prefetch.submit(self._layer, np.array(guess))
         ids = np.array(inds)  # host sync: we must know what to read
         keep = None
         if self._owned is not None:
@@ -73,25 +68,21 @@ class StreamingExperts(nn.Module):
             elif len(ids) == 1:  # one token (decode): its owned pairs are a shorter top-k
                 own = np.nonzero(keep[0])[0]
                 ids, scores, keep = ids[:, own], scores[:, mx.array(own)], None
-            elif self._cache is not None:
-                # The device cache computes on [N, K] indices: the unowned pairs run on an owned expert with
-                # score zero (exact: the sum adds +0.0).
+            elif self._tiered:
+                # A tier computes on [N, K] indices: the unowned pairs run on an owned expert with score zero
+                # (exact: the sum adds +0.0).
                 ids = np.where(keep, ids, ids[keep][0])
                 scores = scores * mx.array(keep).astype(scores.dtype)
                 keep = None
         uniq, local = np.unique(ids if keep is None else ids[keep], return_inverse=True)
         if keep is None:
             local = local.reshape(ids.shape).astype(np.int32)
-            if self._cache is not None and len(uniq) <= self._cache.capacity:
-                arrays, pos = self._cache.fetch(self._layer, uniq)  # device tier: hits cost no read, no copy
-                y = expert_compute(x, arrays, mx.array(pos[local]), scores, self._layout)
-                self._cache.consumed_by(y)
-                return y
-            if len(uniq) <= self._store.capacity:
-                slots = self._store.fetch(self._layer, uniq)
-                y = expert_compute(x, slots.arrays, mx.array(local), scores, self._layout)
-                slots.consumed_by(y)
-                return y
+            for source in (self._source, self._direct):  # the first tier; past its capacity, the store itself
+                if len(uniq) <= source.capacity:
+                    arrays, pos = source.fetch(self._layer, uniq)  # a tier's hits cost no read
+                    y = expert_compute(x, arrays, mx.array(pos[local].astype(np.int32)), scores, self._layout)
+                    source.consumed_by(y)
+                    return y
         else:
             full = np.full(ids.shape, -1, np.int32)
             full[keep] = local

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .convert import _resident_quant
+from .convert import resident_quant
 from .layout import ExpertLayout, ModelLayout, expert_checksum
 from .model import Model, ModelArgs
 
@@ -126,7 +126,7 @@ def _write_resident(dst: Path, args: ModelArgs, dtype: str, bits: int | None, gr
     for name, p in sorted(tree_flatten(model.parameters())):
         w = _draw(name, tuple(p.shape), _tensor_key(seed, name), skew,
                   mx.float32 if name.endswith("A_log") else target)
-        b = _resident_quant(name, w, bits, group_size) if bits else None
+        b = resident_quant(name, w, bits, group_size) if bits else None
         if b:
             path = name[: -len(".weight")]
             out[name], out[path + ".scales"], out[path + ".biases"] = mx.quantize(w, group_size=group_size, bits=b)

@@ -435,7 +435,7 @@ def format_tool_calls_openai(calls: List[ParsedCall]) -> List[dict]:
 # ---- streaming ---------------------------------------------------------------------
 
 
-def _partial_tag_len(text: str, tags: Tuple[str, ...]) -> int:
+def partial_tag_len(text: str, tags: Tuple[str, ...]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `tags`."""
     for size in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
         if any(tag.startswith(text[-size:]) for tag in tags):
@@ -487,7 +487,7 @@ class ToolCallStreamParser:
             tags = self._starts if self._mode == "text" else (THINK_END,)
             found = [(i, tag) for tag in tags if (i := self._buffer.find(tag)) >= 0]
             if not found:
-                keep = _partial_tag_len(self._buffer, tags)
+                keep = partial_tag_len(self._buffer, tags)
                 self._show(self._buffer[: len(self._buffer) - keep], events)
                 self._buffer = self._buffer[len(self._buffer) - keep :]
                 return events

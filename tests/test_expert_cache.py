@@ -14,7 +14,7 @@ from flash_moe.store import ExpertStore
 SEED = int(os.environ.get("FLASH_MOE_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
 
 
-def _packed(tmp_path, layout, num_experts, layers, rng):
+def packed_layers(tmp_path, layout, num_experts, layers, rng):
     (tmp_path / "experts").mkdir()
     data = {}
     for layer in layers:
@@ -25,7 +25,7 @@ def _packed(tmp_path, layout, num_experts, layers, rng):
     return data
 
 
-def _bytes(a: mx.array) -> np.ndarray:
+def slot_bytes(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).view(np.uint8).ravel()
 
 
@@ -54,7 +54,7 @@ def test_cache_holds_requested_experts(tmp_path, bits, dtype, buffers):
     rng = np.random.default_rng(SEED)
     layout = ExpertLayout(128, 64, bits, 64, dtype)
     E, layers = 16, [0, 2, 3]
-    data = _packed(tmp_path, layout, E, layers, rng)
+    data = packed_layers(tmp_path, layout, E, layers, rng)
     with ExpertStore(tmp_path, capacity=3, buffers=_buffers(buffers)) as store:
         cache = ExpertCache(store, capacity=9)
         for step in range(120):
@@ -65,7 +65,7 @@ def test_cache_holds_requested_experts(tmp_path, bits, dtype, buffers):
             for i, e in enumerate(ids):
                 for t in layout.tensors:
                     want = data[layer][e, t.offset : t.offset + t.nbytes]
-                    got = _bytes(arrays[t.name][int(pos[i])])
+                    got = slot_bytes(arrays[t.name][int(pos[i])])
                     assert np.array_equal(got, want), f"step {step} layer {layer} expert {e} {t.name} (seed {SEED})"
         totals = cache.totals()
         assert totals["hits"] > 0 and totals["misses"] > 0 and totals["resident"] == 9
@@ -75,7 +75,7 @@ def test_hot_experts_stay(tmp_path):
     """Frequency-weighted: an expert used every step survives a stream of one-off experts."""
     rng = np.random.default_rng(SEED)
     layout = ExpertLayout(64, 64, 4, 64)
-    _packed(tmp_path, layout, 32, [0], rng)
+    packed_layers(tmp_path, layout, 32, [0], rng)
     with ExpertStore(tmp_path, capacity=4) as store:
         cache = ExpertCache(store, capacity=4)
         for e in range(1, 32):
@@ -86,14 +86,14 @@ def test_hot_experts_stay(tmp_path):
 def test_too_many_experts(tmp_path):
     rng = np.random.default_rng(SEED)
     layout = ExpertLayout(64, 64, 4, 64)
-    _packed(tmp_path, layout, 8, [0], rng)
+    packed_layers(tmp_path, layout, 8, [0], rng)
     with ExpertStore(tmp_path, capacity=2) as store:
         cache = ExpertCache(store, capacity=3)
         with pytest.raises(ValueError, match="cache holds 3"):
             cache.fetch(0, [0, 1, 2, 3])
 
 
-def _tiny_model(tmp_path, seed, hidden=128, intermediate=64):
+def tiny_model(tmp_path, seed, hidden=128, intermediate=64):
     from flash_moe.synthetic import qwen35_397b_config, write_synthetic
 
     config = qwen35_397b_config(num_layers=4, vocab_size=200)
@@ -109,7 +109,7 @@ def test_cached_model_equals_resident(tmp_path, seed, cache_experts):
     """Through the model: logits with the device cache (small: evicting; large: all hits) == resident experts."""
     import flash_moe
 
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     cached = flash_moe.load(path, dtype="float32", cache_experts=cache_experts, slots=4)
     resident = flash_moe.load(path, dtype="float32", stream=False)
     tokens = mx.array(np.random.default_rng(seed).integers(0, 200, (1, 7)))
@@ -128,7 +128,7 @@ def test_direct_io_cached_model_equals_resident(tmp_path, seed):
     import flash_moe
     from flash_moe.store import direct_readable
 
-    path = _tiny_model(tmp_path, seed, hidden=512, intermediate=256)
+    path = tiny_model(tmp_path, seed, hidden=512, intermediate=256)
     cached = flash_moe.load(path, dtype="float32", cache_experts=6, slots=4, direct_io="auto")
     direct = direct_readable(path, cached.store.layout, 2 << 20)  # else "auto" falls back to the page cache
     assert cached.store.direct == direct
@@ -150,7 +150,7 @@ def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
     (the bet holds), and when experts are missing (forced bets are voided and the token runs again)."""
     import flash_moe
 
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     cached = flash_moe.load(path, dtype="float32", cache_experts=capacity, slots=4)
     resident = flash_moe.load(path, dtype="float32", stream=False)
     rng = np.random.default_rng(seed)
@@ -161,7 +161,7 @@ def test_speculative_tokens_equal_resident(tmp_path, seed, capacity, force):
         cached(warm, cached.make_cache())
     for step in [tokens] + [mx.array(rng.integers(0, 200, (1, 1))) for _ in range(12)]:
         if force:
-            cached.cache._clean = 10**6  # bet even though experts are missing
+            cached.cache.speculation.clean = 10**6  # bet even though experts are missing
         a, b = cached(step, c1), resident(step, c2)
         err = float(mx.linalg.norm(a - b) / mx.linalg.norm(b))
         assert err < MODEL_TOL, f"relative error {err:.2e} (capacity {capacity}, seed {seed}): {cached.cache.totals()}"
@@ -177,7 +177,7 @@ def test_preload_fills_without_counting(tmp_path, seed):
     """preload() reads every expert when they fit (then decoding never misses) and leaves the counters alone."""
     import flash_moe
 
-    path = _tiny_model(tmp_path, seed)
+    path = tiny_model(tmp_path, seed)
     model = flash_moe.load(path, dtype="float32", cache_experts="all", slots=4)
     assert model.cache.preload() == 4 * 16 and model.cache.totals()["resident"] == 64
     assert model.cache.totals()["misses"] == 0

@@ -216,6 +216,30 @@ def test_resident_experts_equal_streamed(family, seed):
         streamed.close()
 
 
+def test_tiers_equal_streamed(family, seed):
+    """A device tier with a host tier behind it (small: evicting) gives the store-only logits, prefill and decode."""
+    import os
+
+    if os.environ.get("FLASH_MOE_BACKEND") == "cuda" or not family.model.store:
+        pytest.skip("CPU form of the host tier; or no streamed experts")
+    plain = flash_moe.load(family.dst4, cache_experts=0)
+    tiered = flash_moe.load(family.dst4, cache_experts=0.25, host_cache=0.5)
+    try:
+        own = tiered.device_cache is None  # gpt-oss's experts read through the store alone
+        assert own or tiered.host_cache is not None
+        tokens = hf_models.random_tokens(np.random.default_rng(seed), family.vocab, (1, 12))
+        c1, c2 = plain.make_cache(), tiered.make_cache()
+        for start, end in [(0, 6)] + [(i, i + 1) for i in range(6, 12)]:
+            a, b = run(plain, tokens[:, start:end], c1), run(tiered, tokens[:, start:end], c2)
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=family.note(seed))
+        if not own:
+            t = tiered.tier_totals()
+            assert t["device"]["misses"] == t["host"]["hits"] + t["host"]["misses"] > 0, t
+    finally:
+        plain.close()
+        tiered.close()
+
+
 def test_without_mlx_lm_one_line_error(family, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx_lm", None)
     monkeypatch.setitem(sys.modules, "mlx_lm.utils", None)

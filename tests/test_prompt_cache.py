@@ -39,7 +39,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module", params=["resident", "streamed", "speculating"])
 def model(request, folders):
     """``speculating``: streamed through a device expert cache of 56 of the 64 experts, every
-    one-token step a bet (``LoadedModel._speculative_step``): lost bets restore the layer caches."""
+    one-token step a bet (``Speculation.step``): lost bets restore the layer caches."""
     if request.param == "speculating":
         m = load(folders["streamed"], cache_experts=56)
         m.cache.should_speculate = lambda: True

@@ -52,7 +52,7 @@ def test_batch_generate_equals_alone(model, seed, sampling):
 @pytest.fixture(scope="module")
 def speculating(demo_folder):
     """Through a device expert cache of 56 of the 64 experts, every one-token step a bet
-    (``LoadedModel._speculative_step``): lost bets restore the layer caches, batched ones included."""
+    (``Speculation.step``): lost bets restore the layer caches, batched ones included."""
     m = load(demo_folder, dtype="float32", cache_experts=56)
     m.cache.should_speculate = lambda: True
     yield m
