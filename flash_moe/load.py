@@ -392,7 +392,9 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
         if parallel is not None:  # a rank caches only what it owns
             cached = min(cached, sum(int(parallel.owned(layer).sum()) for layer in layout.moe_layers))
         everything = cached >= len(layout.moe_layers) * layout.num_experts  # the device tier holds every expert
-        hosted = 0 if parallel is not None or (everything and host_cache == "auto") else host_capacity(host_cache, layout)
+        # an "auto" host tier only where it serves a device tier that misses (on CUDA it feeds that tier's copies)
+        skip_auto = host_cache == "auto" and (everything or not cached)
+        hosted = 0 if parallel is not None or skip_auto else host_capacity(host_cache, layout)
         if direct_io == "auto":  # around the page cache only when a tier of our own is the cache tier
             direct_io = bool(cached or hosted) and direct_readable(path, layout, read_chunk)
         store = ExpertStore(path, layout, capacity=capacity, threads=threads, read_chunk=read_chunk,

@@ -4,6 +4,7 @@ tiers' hits and misses add up (each tier's misses are the next one's requests).
 Runs on the CPU here (float32, tight tolerance) and on CUDA with ``FLASH_MOE_BACKEND=cuda`` (pinned host tier,
 kernel fills; the host tier then needs a device tier in front)."""
 
+import os
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -179,7 +180,7 @@ def test_decode_benchmark_prints_tiered_bound(tmp_path, seed):
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "decode.py"), "--model", str(path), "-p", "8",
                           "-g", "6", "-n", "1", "--cache-experts", "8", "--host-cache", "0.5", "--prefetch", "on",
                           "--disk-gbps", "1.0", "--json", str(out)], capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "tiered-memory bound" in run.stdout, run.stdout[-2000:]
     bound = json.loads(out.read_text())["tiered_bound"]
