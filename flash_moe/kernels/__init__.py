@@ -18,6 +18,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..layout import QUANT_BITS
+
 BACKENDS = ("metal", "cuda", "ops")
 SOURCE_DIR = Path(__file__).parent
 
@@ -80,7 +82,7 @@ def build(name: str, input_names: tuple[str, ...], output_names: tuple[str, ...]
     )
 
 
-KERNEL_BITS = (2, 3, 4, 5, 6, 8)
+KERNEL_BITS = QUANT_BITS  # the kernels decode every stored width (one table: layout.py)
 WARPS = 4  # warps of 32 threads per threadgroup
 ROWS = 4  # output rows per warp (halved until it divides the output dimension)
 MAX_TILE = 4096  # values of x staged in shared memory at once (16.5 KB)
