@@ -130,11 +130,11 @@ def main():
 
         def measure(name, fn, c=None):
             saved = c.snapshot() if c is not None else None
-            model.cache.begin()
+            model.device_cache.speculation.begin()
             try:
                 out = fn()
             finally:
-                lookups = model.cache.end()
+                lookups = model.device_cache.speculation.end()
             outs = (list(out) if isinstance(out, (tuple, list)) else [out]) + [lookups] + (c.state if c is not None else [])
             rows[name] = summary(count(outs, tmp / "g.dot"))
             if c is not None:  # KVCache writes its buffers in place: evaluate them so no call sees another's ops
