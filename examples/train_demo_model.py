@@ -10,14 +10,20 @@ the rest is held out for validation), train a byte-level BPE like Qwen's on it, 
 examples made from the stdlib's own functions (so chat prompts answer with code), train a tiny
 `qwen3_5_moe_text` model (torch, CPU) and save it with save_pretrained in bfloat16.
 
-Tool calls: `--tool-dialogues N` mixes N synthetic dialogues (examples/tool_dialogues.py: a request, one
-tool call, the tool's result, a short answer), rendered by the demo's own chat template, into the stream.
-`--init FOLDER` starts from a saved demo's weights and tokenizer instead of from scratch. The shipped demo
-is the stdlib model (first command); the second fine-tunes it on the mix (tokenizer and config unchanged):
-    .venv/bin/python examples/train_demo_model.py --out flash_moe/demo                # stdlib, ~15 min
-    .venv/bin/python examples/train_demo_model.py --init flash_moe/demo --out /tmp/demo-tools \
-        --tool-dialogues 2000 --steps 420 --batch 4 --seq-len 1024 --warmup 10 --lr 1e-3  # + tool calls, ~10 min
-(Not shipped yet: that fine-tune learns the call format, not yet which tool a request asks for.)
+Tool calls: `--tool-steps N` then trains N more steps, each on --tool-rows synthetic dialogues
+(examples/tool_dialogues.py: a request, one tool call, the tool's result, a short answer; rendered by the
+demo's own chat template) and --tool-batch source windows. The dialogues' loss is on the assistant's turns
+only, each dialogue is seen whole from its first token, and the dialogues of a step share one tools prompt,
+which runs once without gradients. `--init FOLDER` starts from a saved demo (weights and tokenizer) and runs
+only the tool steps. The shipped demo is the stdlib model (first command, ~15 min on one shared core)
+fine-tuned twice on tool dialogues (~12 min each):
+    .venv/bin/python examples/train_demo_model.py --out /tmp/demo-stdlib
+    .venv/bin/python examples/train_demo_model.py --init /tmp/demo-stdlib --out /tmp/demo-tools1 --tool-steps 600 \
+        --tool-batch 1 --tool-lr 1.5e-3 --dialogue-weight 2
+    .venv/bin/python examples/train_demo_model.py --init /tmp/demo-tools1 --out flash_moe/demo --tool-steps 600 \
+        --tool-batch 2 --tool-lr 1e-3 --dialogue-weight 2 --seed 1
+The request-to-tool mapping appears late: after 300 tool steps the model writes the call format but names
+the same tool whatever the request; after 600 it picks the tool from the request.
 The result depends on the Python version whose stdlib is read (the shipped assets read CPython
 3.11.7's; pass --stdlib to read another copy).
 """
