@@ -174,7 +174,7 @@ def test_terminal_session(demo_folder, demo, tmp_path):
                           env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
     try:
         child.expect(">>>")
-        question = "write a long python program"
+        question = "Write the class `Thread` of the Python module `threading`."  # a request the demo answers at length
         child.send(question + "\r")
         child.expect(r"\n[^\r\n\x1b]*[A-Za-z]")  # the reply is being written
         child.sendcontrol("c")
