@@ -16,14 +16,15 @@ demo's own chat template) and --tool-batch source windows. The dialogues' loss i
 only, each dialogue is seen whole from its first token, and the dialogues of a step share one tools prompt,
 which runs once without gradients. `--init FOLDER` starts from a saved demo (weights and tokenizer) and runs
 only the tool steps. The shipped demo is the stdlib model (first command, ~15 min on one shared core)
-fine-tuned twice on tool dialogues (~12 min each):
+fine-tuned on tool dialogues in three runs (~10 min each; flash_moe/demo/README.md lists them):
     .venv/bin/python examples/train_demo_model.py --out /tmp/demo-stdlib
     .venv/bin/python examples/train_demo_model.py --init /tmp/demo-stdlib --out /tmp/demo-tools1 --tool-steps 600 \
         --tool-batch 1 --tool-lr 1.5e-3 --dialogue-weight 2
-    .venv/bin/python examples/train_demo_model.py --init /tmp/demo-tools1 --out flash_moe/demo --tool-steps 600 \
-        --tool-batch 2 --tool-lr 1e-3 --dialogue-weight 2 --seed 1
+    (then --init /tmp/demo-tools1 --tool-steps 600 --tool-batch 2 --tool-lr 1e-3 --seed 1, and
+     --init of that --tool-steps 400 --tool-lr 7e-4 --seed 2, both --dialogue-weight 2)
 The request-to-tool mapping appears late: after 300 tool steps the model writes the call format but names
-the same tool whatever the request; after 600 it picks the tool from the request.
+the same tool whatever the request; after 600 it picks the tool from the request (4-bit validity 0.75 on 60
+fresh requests); after 1,600 all of 100 fresh requests get a valid call (0.69 exact).
 The result depends on the Python version whose stdlib is read (the shipped assets read CPython
 3.11.7's; pass --stdlib to read another copy).
 """
