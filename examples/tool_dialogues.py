@@ -193,6 +193,16 @@ def suite_tools() -> dict[str, dict]:
     return tools
 
 
+def _dialogue(r, name: str, sample, tools: list) -> dict:
+    request, arguments, result, answer = sample(r)
+    messages = [{"role": "user", "content": request},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                    "name": name, "arguments": arguments}}]},
+                {"role": "tool", "content": result},
+                {"role": "assistant", "content": answer}]
+    return {"messages": messages, "tools": tools, "expected": {"name": name, "arguments": arguments}}
+
+
 def dialogues(n: int, seed: int, builtin_share: float = 0.4) -> list[dict]:
     """``n`` items ``{"messages": [user, assistant call, tool result, answer], "tools", "expected"}``."""
     r = random.Random(seed)
@@ -207,14 +217,30 @@ def dialogues(n: int, seed: int, builtin_share: float = 0.4) -> list[dict]:
             name, sample = r.choice(suite)
             others = r.sample([t for t in schemas if t != name], 2)
             tools = [schemas[t] for t in r.sample([name, *others], 3)]
-        request, arguments, result, answer = sample(r)
-        messages = [{"role": "user", "content": request},
-                    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-                        "name": name, "arguments": arguments}}]},
-                    {"role": "tool", "content": result},
-                    {"role": "assistant", "content": answer}]
-        items.append({"messages": messages, "tools": tools, "expected": {"name": name, "arguments": arguments}})
+        items.append(_dialogue(r, name, sample, tools))
     return items
+
+
+def batches(seed: int, rows: int, builtin_share: float = 0.4):
+    """Endless batches of ``rows`` dialogues that share one tool list, so they share one system prompt (the
+    training computes it once per batch): the built-in tools, or three suite tools in a random order with
+    each dialogue's tool drawn among them. Per dialogue, the distribution of ``dialogues``."""
+    r = random.Random(seed)
+    suite, builtin = _scenarios()
+    schemas = suite_tools()
+    while True:
+        if r.random() < builtin_share:
+            yield [_dialogue(r, *r.choice(builtin), BUILTIN_TOOLS) for _ in range(rows)]
+        else:
+            offered = r.sample(suite, 3)
+            tools = [schemas[name] for name, _ in offered]
+            yield [_dialogue(r, *r.choice(offered), tools) for _ in range(rows)]
+
+
+def training_requests(seed: int, rows: int, steps: int) -> set[str]:
+    """The user requests ``batches(seed, rows)`` draws in ``steps`` batches: what a held-out suite leaves out."""
+    drawn = batches(seed, rows)
+    return {d["messages"][0]["content"] for _ in range(steps) for d in next(drawn)}
 
 
 def render(items: list[dict], tokenizer) -> list[str]:
@@ -233,10 +259,11 @@ def main():
     parser.add_argument("--suite", type=Path, required=True, help="write an eval suite (JSONL) here")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--exclude-seed", type=int, default=0, help="drop requests the training set (this seed) has")
-    parser.add_argument("--exclude-n", type=int, default=6000)
+    parser.add_argument("--exclude-seed", type=int, default=0, help="drop requests the training (this seed) drew")
+    parser.add_argument("--exclude-rows", type=int, default=6, help="the training's dialogues per batch")
+    parser.add_argument("--exclude-steps", type=int, default=400, help="the training's steps")
     args = parser.parse_args()
-    seen = {d["messages"][0]["content"] for d in dialogues(args.exclude_n, args.exclude_seed)}
+    seen = training_requests(args.exclude_seed, args.exclude_rows, args.exclude_steps)
     items = held_out_suite(args.n, args.seed, seen)
     args.suite.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
     print(f"{len(items)} held-out items written to {args.suite}")

@@ -123,6 +123,45 @@ def test_interrupted_tool_confirmation_closes_the_turn():
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "tool"] and "interrupted" in history[-1]["content"]
 
 
+class Replies(Recorder):
+    """The demo model, recording each turn's messages and the text it streamed."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.texts = []
+
+    def stream_generate(self, messages, **kwargs):
+        self.texts.append("")
+        for r in super().stream_generate(messages, **kwargs):
+            self.texts[-1] += r.text
+            yield r
+
+
+def test_the_demo_calls_a_builtin_tool_end_to_end(demo, monkeypatch, tmp_path):
+    """Nothing scripted but the user: the demo model (trained on tool-call dialogues) answers a request with a
+    call of a built-in tool, the user approves it, the tool lists a real folder, the listing goes back to
+    the model, and the model answers in words, with no further call. Thinking on, as `flash-moe chat` runs."""
+    (tmp_path / "src").mkdir()
+    for name in ("main.py", "notes.md"):
+        (tmp_path / "src" / name).write_text("x\n")
+    monkeypatch.chdir(tmp_path)
+    replies = Replies(demo)
+    monkeypatch.setattr(flash_moe, "load", lambda *a, **k: replies)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("List the files in src.\ny\n"))  # the request, then "y" to run it
+    out = io.StringIO()
+    chat_mod.chat("model", out=out, temperature=0.0, max_tokens=96)
+    shown = out.getvalue()
+    assert "main.py\nnotes.md" in shown, shown  # the tool ran: the real listing is echoed to the user
+    assert len(replies.turns) == 2, shown  # one call, then an answer that calls nothing
+    call_turn, answer_turn = replies.turns
+    assert answer_turn[-2]["tool_calls"][0].name == "list_directory"
+    assert answer_turn[-2]["tool_calls"][0].arguments == {"path": "src"}
+    assert answer_turn[-1] == {"role": "tool", "content": "main.py\nnotes.md"}
+    answer = replies.texts[1]
+    assert "<tool_call>" not in answer and answer.strip(), answer
+    assert shown.endswith("bye\n")
+
+
 def test_terminal_session(demo_folder, demo, tmp_path):
     """Through a pseudo-terminal: Ctrl-C mid-reply returns to the prompt with the history kept; the next
     turn's stats show cached tokens; Esc-Enter makes a new line and a paste stays one message; the input history is saved; Ctrl-D exits."""
@@ -135,7 +174,7 @@ def test_terminal_session(demo_folder, demo, tmp_path):
                           env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
     try:
         child.expect(">>>")
-        question = "write a long python program"
+        question = "Write the class `Thread` of the Python module `threading`."  # a request the demo answers at length
         child.send(question + "\r")
         child.expect(r"\n[^\r\n\x1b]*[A-Za-z]")  # the reply is being written
         child.sendcontrol("c")

@@ -211,14 +211,18 @@ def python_score(text: str) -> int:
     )
 
 
-# Not "import os\n": a model this small answers with a greedy loop of "import sys" lines.
-@pytest.mark.parametrize("prompt", ["def ", "class ", "import os\n\n"])
+# Greedy with the repetition penalty the notebook uses: since its tool-call fine-tune, the demo's plain greedy
+# decoding loops ("import sys" lines, digits after a bare "def "); it still writes Python from a code context.
+REPETITION_PENALTY = 1.15
+
+
+@pytest.mark.parametrize("prompt", ["class ", "    def close(self):\n", "class Error(Exception):\n"])
 def test_greedy_generation_looks_like_python(model, tokenizer, prompt):
     import torch
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+        out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=REPETITION_PENALTY)
     text = tokenizer.decode(out[0, ids.shape[1]:])
     assert python_score(text) >= 4, f"not Python-looking from {prompt!r}: {text!r}"
 
@@ -230,7 +234,7 @@ def test_chat_prompt_answers_with_code(model, tokenizer):
     ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, enable_thinking=False, return_tensors="pt",
                                         return_dict=True)["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, repetition_penalty=REPETITION_PENALTY)
     text = tokenizer.decode(out[0, ids.shape[1]:])
     assert text.lstrip().startswith(("def ", "class ", "@")) and python_score(text) >= 3, repr(text)
 
@@ -266,8 +270,9 @@ def test_survives_four_bit_experts(tokenizer, held_out_ids):
                 w = mx.dequantize(*mx.quantize(w, group_size=64, bits=4), group_size=64, bits=4)
                 param.copy_(torch.from_numpy(np.array(w.astype(mx.float32))))
         after = m(input_ids=held_out_ids, labels=held_out_ids).loss.item()
-        ids = tokenizer("def ", return_tensors="pt").input_ids
-        text = tokenizer.decode(m.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:])
+        ids = tokenizer("class ", return_tensors="pt").input_ids
+        out = m.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=REPETITION_PENALTY)
+        text = tokenizer.decode(out[0, ids.shape[1]:])
     assert after - before < 0.1, f"4-bit experts raise the loss from {before:.3f} to {after:.3f}"
     assert python_score(text) >= 4, repr(text)
 
