@@ -4,33 +4,28 @@
 # profile where it takes one) under $OUT and appending its output to $OUT/suite.log.
 # Usage: STEPS="tests resident_k4 cache_k4" LAYERS=6 bash benchmarks/gpu_suite.sh
 #
-# PLAN for one lease of ~20 min of device time (calls of <= 580 s; estimates from the H100/H200 runs so far:
-# the 397B-shaped model is written in ~20 s (4 layers, 14.5 GB), a fresh machine spends 150-250 s compiling
-# MLX's CUDA kernels at first use of each set of shapes (cached for later processes), cold reads ~1.0-1.9 GB/s).
-# In order of value; each call from main, after the first: source .device/install.sh && <env> bash benchmarks/gpu_suite.sh
-#  A  (~10 s)  bash .device/install.sh park                                   # with part aa, as README says
-#     Every later call carries .device and .whl (mlx-lm's wheel; for serve_b_server also fastapi, uvicorn,
-#     openai and their dependencies: python -m pip download -d .whl --only-binary=:all: --python-version 3.12
-#     --implementation cp --platform manylinux_2_17_x86_64 fastapi==0.165.0 uvicorn==0.55.0 openai==3.57.0).
-#  B (300-450 s) STEPS=families_dsv3       issue 16, DeepSeek-V3 shapes, 3 layers (DS_LAYERS=2: ~60 s less):
-#              build ~60 s (19 GB source + 19 GB converted), warm + mlx-lm ~150-250 s with compiles, capped ~45 s.
-#              Look for "flash_moe / mlx-lm generation: X.XXx (goal >= 1.0)" and "ratio to the I/O bound R
-#              (goal >= 0.9)"; all numbers in $OUT/families_dsv3.json.
-#  C (~400 s)  LAYERS=4 STEPS="serve_b bench_vs_decode"
-#              issue 14: serve_b = the engine under the 16% cap, B=1,2,4,8 (~250 s incl. the first 397B
-#              compiles): "aggregate tok/s at B=8: X.XXx B=1 (goal ... >= 4x)", "engine cost at B=1 over
-#              generate_step"; serve_b_server = the HTTP server at B=1, warm (~60 s): "server cost at B=1 over
-#              stream_generate: +X.X% (goal <= 5%)". issue 15: bench_vs_decode (~60 s): both tools' trial lines
-#              on the same model and settings (bench's trial 1 has no warm-up: compare trials 2-3).
-#  D (~200 s)  STEPS=families_qwen3        issue 16, Qwen3-235B-A22B shapes, 4 layers: same lines as B.
-#  E (~300 s)  STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py
-#              test_streaming's 7 CUDA failures fixed (18 passed expected); cuda_diag prints where test_model's
-#              interval2_e16_top4 departs (the first piece with GPU-vs-CPU error >> 1e-6) and reruns its 3 tests
-#              with the GDN ops recurrence. The whole TESTS_CUDA default (test_model, test_streaming,
-#              test_expert_cache, test_store, test_kernels, test_load, test_prompt_cache; TESTS_MORE adds files,
-#              TESTS_K selects) takes longer than one call on a fresh machine (test_kernels alone > 200 s): split it.
-# Disk: families deletes its folders (--cleanup) before the next family; $M at LAYERS=4 is 14.5 GB more.
-#        STEPS="dist_cap_k4 dist_k4" bash benchmarks/gpu_suite.sh   (expert-parallel ranks on the CPUs, ~4 min)
+# PLAN for the next lease (30 min of device time a session; calls of <= 590 s). Measured in session 5: a fresh
+# machine starts in ~30 s, but every fresh machine compiles MLX's CUDA kernels again (the first CUDA test files
+# took 160 s, the first decode step ~100 s more than a warm one): keep one machine warm (calls back to back,
+# idle release is 30 s). The 6-layer 397B-shaped model is written in 28-35 s. docs/benchmarks.md, "GPU runs of
+# this session's merges", says what already ran. Call A: `bash .device/install.sh park` (carry install.sh and
+# part aa); every later call: `source .device/install.sh && ...` carrying install.sh, part ab, the mlx wheel and
+# .whl (mlx-lm; for serve_b_server also fastapi, uvicorn, sse-starlette, openai and their dependencies, as
+# `pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp --platform
+# manylinux_2_17_x86_64 fastapi uvicorn sse-starlette openai`). Still to run, in order of what closes issues:
+#  1 (~450 s) LAYERS=6 T=200 STEPS="bench_vs_decode serve_b_server preload_k4_peer"   issue 15 (bench vs
+#             decode.py, one run each, same model), issue 14 (server cost at B=1 over stream_generate, goal <= 5%;
+#             serve_b's engine table ran: disk-bound, see docs), issue 20 (K=4 vs mlx-lm).
+#  2 (~500 s) STEPS="dist_cap_k4 dist_k4"   issue 17 (1, 2, 4 ring ranks on the CPUs, per-rank cap; float32 copy).
+#  3 (~450 s) STEPS=families_qwen3, then STEPS=families_dsv3 (DS_LAYERS=2 saves ~60 s)   issue 16: "flash_moe /
+#             mlx-lm generation: X.XXx (goal >= 1.0)" and "ratio to the I/O bound R (goal >= 0.9)".
+#  4 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch h200_tiers h200_tiers_prefetch"
+#             issue 19: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, the 60-layer
+#             projection; prefetch on vs off decides prefetch_default() on CUDA.
+#  5 (~400 s) STEPS="kernels_shapes preload_k4_peer_nofuse opcount" then SPLIT/DGROUPS preload_*_shapes   issue 20.
+#  6 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
+#  7 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
+# Disk (64 GB): $M at 6 layers is 22.3 GB; the float32 dist copy 12 GB; families delete their folders (--cleanup).
 #        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
 OUT=${OUT:-/tmp/out}; M=${M:-/root/syn397}; LAYERS=${LAYERS:-6}; G=${G:-32}; TH=${TH:-16}
