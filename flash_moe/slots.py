@@ -41,6 +41,9 @@ class SlotBuffers(Protocol):
     def close(self) -> None: ...
 
 
+MAX_ARRAY_BYTES = 2**31 - 1  # MLX shapes are int32: a uint8 array holds at most this many bytes
+
+
 class HostSlotBuffers:
     """Slot sets as MLX arrays in host memory (unified memory on Apple), filled through numpy views.
 
@@ -60,6 +63,11 @@ class HostSlotBuffers:
         for t in layout.tensors:
             offsets[t.name] = size
             size += -(-capacity * t.nbytes // self.TENSOR_ALIGN) * self.TENSOR_ALIGN
+        if size + self.SET_ALIGN > MAX_ARRAY_BYTES:  # one MLX array's dimension is an int32
+            most = capacity * (MAX_ARRAY_BYTES - self.SET_ALIGN - len(layout.tensors) * self.TENSOR_ALIGN) // size
+            raise ValueError(f"host slot buffers of {capacity:,} experts need {size:,} bytes in one MLX array, over "
+                             f"its {MAX_ARRAY_BYTES:,}-byte limit: hold at most {most:,} experts (on CUDA the host "
+                             "tier is page-locked memory without this limit)")
         for _ in range(num_sets):
             flat = mx.zeros((size + self.SET_ALIGN,), dtype=mx.uint8)
             mx.eval(flat)

@@ -187,3 +187,16 @@ def test_decode_benchmark_prints_tiered_bound(tmp_path, seed):
     p = bound["per_token"]
     assert bound["disk_gb_per_s"] == 1.0 and bound["disk_source"] == "--disk-gbps" and bound["host_to_device_gb_per_s"] > 0
     assert p["host_hits"] >= 0 and p["disk_reads"] >= 0 and p["prefetched"] > 0, bound
+
+
+def test_host_slot_buffers_past_one_mlx_array_say_how_many_fit():
+    """The CPU form keeps one MLX array per slot set, whose dimension is an int32: a host tier of 8 GB failed
+    inside MLX with an OverflowError; it now says how many experts fit, before allocating anything."""
+    from flash_moe.slots import MAX_ARRAY_BYTES, HostSlotBuffers
+
+    layout = ExpertLayout(4096, 1024, bits=4, dtype="bfloat16")  # Qwen3.5-397B's expert, ~7 MB
+    too_many = MAX_ARRAY_BYTES // layout.expert_bytes + 1
+    with pytest.raises(ValueError, match=r"hold at most [\d,]+ experts") as caught:
+        HostSlotBuffers(layout, too_many, 1)
+    most = int(str(caught.value).split("hold at most ")[1].split(" ")[0].replace(",", ""))
+    assert 0 < most < too_many and most * layout.expert_bytes <= MAX_ARRAY_BYTES
