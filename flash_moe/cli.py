@@ -236,7 +236,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .server import parse_bytes, serve
+    from .files import parse_bytes
+    from .server import serve
 
     for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
                         ("--max-tokens", args.max_tokens)):

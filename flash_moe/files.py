@@ -225,3 +225,20 @@ def _open_lock(path: Path) -> int:
         os.close(fd)
         remove_entry(path)
     raise CheckpointError(f"{path}: cannot create the lock file (something keeps replacing it)")
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '1.5G', '24GB', '24GiB', '0' or a number of bytes -> bytes. The units are binary (K, M, G, T
+    = 2**10 ... 2**40) with or without a trailing 'B' / 'iB': one reading for every option that takes a size."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if s[-1:] in units else s)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M, 0)") from None
+    if value < 0:
+        raise ValueError(f"not a size: {text!r} (negative)")
+    return int(value * scale)

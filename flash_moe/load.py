@@ -15,7 +15,7 @@ import numpy as np
 from . import distributed
 from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_args, model_dtype,
                          read_config, read_tensors)
-from .files import open_regular
+from .files import open_regular, parse_bytes
 from .layout import ModelLayout, expert_checksum, mlx_dtype, numpy_dtype
 from .model import Model, ModelArgs, check_token_ids
 
@@ -288,7 +288,7 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 def host_capacity(spec, layout: ModelLayout) -> int:
     """Experts a HostExpertCache should hold: ``spec`` is a fraction in (0, 1) of all the model's experts,
-    "all", bytes (an integer >= 1, or a string such as "24GB" / "24GiB"), or "auto": on a discrete GPU (MLX's
+    "all", bytes (an integer >= 1, or a size such as "24G" / "24GB" / "24GiB": files.parse_bytes, binary units), or "auto": on a discrete GPU (MLX's
     CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere none (on Apple and the CPU the
     page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
     the page cache would): "all" holds every expert. load() skips an "auto" host tier when the device tier
@@ -306,17 +306,21 @@ def host_capacity(spec, layout: ModelLayout) -> int:
         info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
         free, ram = (int(info[k].split()[0]) << 10 for k in ("MemAvailable", "MemTotal"))
         return min(total, max(0, free - max(8 << 30, ram // 8)) // layout.expert.expert_bytes)
-    bad = f"host_cache must be a fraction in (0, 1), bytes (e.g. 24GB), 'all' or 'auto', got {spec!r}"
-    text = str(spec).strip().upper()
-    units = {"GIB": 1 << 30, "MIB": 1 << 20, "GB": 10**9, "MB": 10**6, "G": 1 << 30, "M": 1 << 20, "": 1}
-    unit = next(u for u in units if text.endswith(u))
+    bad = f"host_cache must be a fraction in (0, 1), bytes (e.g. 24G), 'all' or 'auto', got {spec!r}"
     try:
-        value = float(text[: len(text) - len(unit)])
+        fraction = float(spec)
+    except (TypeError, ValueError):
+        fraction = None  # a size with a unit
+    try:
+        if fraction is not None and 0 < fraction < 1:
+            n = round(fraction * total)
+        else:
+            size = parse_bytes(spec)
+            if size <= 0 or (fraction is not None and fraction != int(fraction)):
+                raise ValueError(bad)
+            n = size // layout.expert.expert_bytes
     except ValueError:
         raise ValueError(bad) from None
-    if value <= 0 or (not unit and value != int(value) and value >= 1):
-        raise ValueError(bad)
-    n = round(value * total) if not unit and value < 1 else int(value * units[unit]) // layout.expert.expert_bytes
     return max(1, min(n, total)) if total else 0
 
 

@@ -10,26 +10,10 @@ import ipaddress
 import time
 from pathlib import Path
 
-from ..files import read_json
+from ..files import parse_bytes, read_json
 from .worker import Metrics, Worker
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def parse_bytes(text: str | int) -> int:
-    """'8G', '512M', '1.5G', '0' or a number of bytes -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    scale = units.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if s[-1:] in units else s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M, 0)") from None
-    if value < 0:
-        raise ValueError(f"not a size: {text!r} (negative)")
-    return int(value * scale)
 
 
 def context_length(model) -> int:
