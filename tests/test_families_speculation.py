@@ -34,9 +34,15 @@ def small_kv():
     return c
 
 
-@pytest.mark.parametrize("make", [small_kv, lambda: RotatingKVCache(max_size=5), lambda: RotatingKVCache(max_size=6, keep=2),
-                                  lambda: CacheList(small_kv(), RotatingKVCache(max_size=4))],
-                         ids=["kv", "rotating", "rotating-keep", "list"])
+CACHES = {
+    "kv": small_kv,
+    "rotating": lambda: RotatingKVCache(max_size=5),
+    "rotating-keep": lambda: RotatingKVCache(max_size=6, keep=2),
+    "list": lambda: CacheList(small_kv(), RotatingKVCache(max_size=4)),
+}
+
+
+@pytest.mark.parametrize("make", CACHES.values(), ids=CACHES.keys())
 def test_rewound_cache_equals_one_that_never_saw_the_token(make, seed):
     """Prefill, then per token: a voided token (other keys) is run, the cache restored, the real token run;
     what attention reads and the state equal a cache given only the real tokens (past a rotating window too)."""
@@ -45,7 +51,7 @@ def test_rewound_cache_equals_one_that_never_saw_the_token(make, seed):
     assert family_cache.rewindable([rewound])
 
     def update(c, k, v):
-        return [c.update_and_fetch(k, v)] if not isinstance(c, CacheList) else [x.update_and_fetch(k, v) for x in c.caches]
+        return [x.update_and_fetch(k, v) for x in (c.caches if isinstance(c, CacheList) else [c])]
 
     k, v = kv(rng, 3), kv(rng, 3)
     update(rewound, k, v), update(plain, k, v)
@@ -59,8 +65,8 @@ def test_rewound_cache_equals_one_that_never_saw_the_token(make, seed):
         for (gk, gv), (wk, wv) in zip(got, want):
             np.testing.assert_array_equal(np.array(gk), np.array(wk), err_msg=f"step {step} " + seed_note(seed))
             np.testing.assert_array_equal(np.array(gv), np.array(wv), err_msg=f"step {step} " + seed_note(seed))
-    for a, b in zip(rewound.caches if isinstance(rewound, CacheList) else [rewound],
-                    plain.caches if isinstance(plain, CacheList) else [plain]):
+    layers = [(c.caches if isinstance(c, CacheList) else [c]) for c in (rewound, plain)]
+    for a, b in zip(*layers):
         assert a.offset == b.offset and getattr(a, "_idx", 0) == getattr(b, "_idx", 0)
 
 
