@@ -59,6 +59,8 @@ def warm_flash_moe(folder: Path, k: int, args) -> dict:
     try:
         start = time.perf_counter()
         n = model.cache.preload() if model.cache is not None else 0
+        if model.cache is not None and args.no_speculate:
+            model.cache.speculate = False
         preload_s = time.perf_counter() - start
         decode_trial(model, args.prompt_tokens, 4, seed=0)  # kernels compile per shape (MLX's CUDA JIT)
         trials = [decode_trial(model, args.prompt_tokens, args.generation_tokens, seed=100 + t)
@@ -115,6 +117,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--no-warm", action="store_true", help="skip step 2 (flash_moe warm and mlx-lm)")
     p.add_argument("--no-peer", action="store_true", help="skip mlx-lm in step 2")
+    p.add_argument("--no-speculate", action="store_true",
+                   help="step 2 without speculative tokens (a per-layer host sync every decode token), to measure them")
     p.add_argument("--cap-fraction", type=float, default=0.16, help="step 3's cap; 0: no drop, no cap; -1: skip step 3")
     p.add_argument("--cap-cache-experts", default="0.33",
                    help="step 3's device cache (decode.py --cache-experts; direct reads follow, as by default): 0.33 = "
@@ -135,7 +139,10 @@ def main(argv=None):
         ours = None if args.no_warm else phase(result, "warm", warm_flash_moe, folder, k, args)
         if ours:
             print(f"flash_moe warm, K={k}, every expert in the device cache ({ours['preloaded']} preloaded in "
-                  f"{ours['preload_s']:.1f} s): " + ", ".join(f"{key}={ours[key]:.3f}" for key in KEYS), flush=True)
+                  f"{ours['preload_s']:.1f} s): " + ", ".join(f"{key}={ours[key]:.3f}" for key in KEYS)
+                  + ", speculative tokens {speculated} ({voided} voided)".format(**(ours["device_cache"] or
+                                                                                  {"speculated": 0, "voided": 0})),
+                  flush=True)
         peer = None if args.no_warm or args.no_peer else phase(result, "peer", mlx_lm_peer, src, k, args)
         if peer:
             print(f"mlx-lm resident, same weights: prompt_tps={peer['prompt_tps']:.3f}, generation_tps="

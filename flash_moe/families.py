@@ -178,8 +178,16 @@ class FamilyModel(LoadedModel):
 
     def forward(self, tokens: mx.array, cache=None) -> mx.array:
         """``self(tokens, cache)`` (LoadedModel's, which checks the ids first) without the id check.
-        No speculative tokens: they snapshot flash_moe's own cache classes, and mlx-lm's have no snapshot."""
-        return self.model(tokens[None] if tokens.ndim == 1 else tokens, cache)
+        A decode token whose experts the device tier has held runs as a speculative token (speculation.py),
+        rewinding mlx-lm's caches by family_cache.py; a model with caches it cannot rewind never bets."""
+        from . import family_cache
+
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        tier = self.device_cache
+        if (tier is not None and cache is not None and tokens.shape[1] == 1 and tier.should_speculate()
+                and family_cache.rewindable(cache)):
+            return tier.speculation.step(self.model, tokens, cache, family_cache.snapshot, family_cache.restore)
+        return self.model(tokens, cache)
 
     def make_cache(self) -> list:
         from mlx_lm.models.cache import make_prompt_cache

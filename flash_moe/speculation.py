@@ -75,9 +75,12 @@ class Speculation:
         self.device.entries.touch(found.ravel())
         return True
 
-    def step(self, model, tokens: mx.array, cache: list) -> mx.array:
-        """Logits of one token run as a bet; a lost bet restores ``cache`` and runs it again with syncs."""
-        saved = [c.snapshot() for c in cache]
+    def step(self, model, tokens: mx.array, cache: list, snapshot=None, restore=None) -> mx.array:
+        """Logits of one token run as a bet; a lost bet restores ``cache`` and runs it again with syncs.
+        ``snapshot(c)``/``restore(c, saved)``: how to rewind a layer cache (default: its own methods)."""
+        snapshot = snapshot or (lambda c: c.snapshot())
+        restore = restore or (lambda c, s: c.restore(s))
+        saved = [snapshot(c) for c in cache]
         self.begin()
         try:
             logits = model(tokens, cache)
@@ -87,5 +90,5 @@ class Speculation:
         if self.commit(lookups):
             return logits
         for c, s in zip(cache, saved):
-            c.restore(s)
+            restore(c, s)
         return model(tokens, cache)

@@ -137,6 +137,24 @@ def test_greedy_continuation(family, seed):
     assert got == expected, f"first difference at step {first} {family.note(seed)}"
 
 
+def test_speculative_greedy_continuation(family, seed):
+    """Every expert in the device tier: decode tokens run as speculative tokens (no per-layer sync, mlx-lm's
+    caches rewound by family_cache.py) and still continue as transformers does."""
+    if family.model.store is None or family.name == "gpt_oss":
+        pytest.skip("gpt-oss's experts read through the store alone: no device tier to bet on")
+    model = flash_moe.load(family.dst16, cache_experts="all")
+    try:
+        model.device_cache.preload()
+        prompt, expected = decisive_greedy(family, np.random.default_rng(seed), 16)
+        got = greedy(model, prompt, 16)
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        totals = model.device_cache.totals()
+        assert got == expected, f"first difference at step {first}: {totals} {family.note(seed)}"
+        assert totals["speculated"] >= 15 and totals["voided"] == 0, totals
+    finally:
+        model.close()
+
+
 def test_other_k_routes_as_the_family_does(family, seed):
     """K override changes the family's own top-k: equal to transformers built with that num_experts_per_tok."""
     k = family.torch_model.config.num_experts_per_tok + 2

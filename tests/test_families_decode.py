@@ -78,6 +78,8 @@ def test_families_decode_runs(tmp_path):
     assert out.exists()
     warm, peer, capped = result["warm"], result["peer"], result["capped"]
     assert warm["preloaded"] == 2 * 16 and warm["device_cache"]["misses"] == 0, warm["device_cache"]
+    # warm decode tokens run as speculative tokens (no per-layer sync), and every bet stands
+    assert warm["device_cache"]["speculated"] > 0 and warm["device_cache"]["voided"] == 0, warm["device_cache"]
     assert warm["generation_tps"] > 0 and peer["generation_tps"] > 0
     assert result["warm_vs_mlx_lm"] == warm["generation_tps"] / peer["generation_tps"]
     assert capped["args"]["k"] == 4 and capped["average"]["generation_tps"] > 0
