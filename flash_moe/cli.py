@@ -127,7 +127,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from .store import verify
+    from .layer_files import verify
 
     bad = verify(args.model)
     if bad:

@@ -243,8 +243,9 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
     from .host_cache import HostExpertCache
     from .experts import ResidentExperts
     from .family_experts import OwnFormExperts
+    from .layer_files import direct_readable
     from .layout import ModelLayout
-    from .store import ExpertStore, direct_readable
+    from .store import ExpertStore
     from .streaming import StreamingExperts
 
     where = path / "config.json"

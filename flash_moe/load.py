@@ -229,7 +229,7 @@ def read_packed_experts(path: Path, layout: ModelLayout, layer: int, verify: str
             done += got
     finally:
         os.close(fd)
-    from .store import experts_to_check
+    from .layer_files import experts_to_check
 
     check = experts_to_check(layout, verify)
     for expert in np.flatnonzero(check[layer]).tolist() if check is not None else []:
@@ -368,7 +368,8 @@ def load_converted(path: Path, dtype=None, slots: int | None = None, threads: in
     from .experts import ResidentExperts
     from .host_cache import HostExpertCache
     from .families import is_family, load_family
-    from .store import ExpertStore, direct_readable
+    from .layer_files import direct_readable
+    from .store import ExpertStore
     from .streaming import StreamingExperts
 
     config = read_config(path)
@@ -468,7 +469,7 @@ def load(path_or_repo: str | Path, *, dtype=None, experts_per_token: int | None 
             process was started by ``mlx.launch`` with more than one rank; None runs this process alone.
             Needs a converted folder with streamed experts.
     """
-    from .store import VERIFY_MODES
+    from .layer_files import VERIFY_MODES
 
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")

@@ -14,7 +14,6 @@ arrays computed from it with ``SlotSet.consumed_by`` and the store evaluates the
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import operator
 import os
@@ -28,17 +27,15 @@ from queue import SimpleQueue
 import mlx.core as mx
 import numpy as np
 
-from .files import CheckpointError, open_regular
-from .layout import DIRECT_ALIGN, ModelLayout, expert_checksum
+from .files import CheckpointError
+from .layer_files import (VERIFY_MODES, ExpertReadError, LayerFiles, direct_aligned, direct_supported, experts_to_check, ranges,
+                          verify_files)
+from .layout import DIRECT_ALIGN, ModelLayout
 from .slots import HostSlotBuffers, SlotSet
 
 # Without RWF_NOWAIT (macOS, or a filesystem that refuses it) a read counts as a page-cache hit when one
 # expert arrived faster than this. flash-moe's M3 Max: ~7.3 GB/s per read warm, ~2.5 GB/s cold (4 threads).
 HIT_BYTES_PER_S = 4e9
-
-class ExpertReadError(OSError):
-    """A read of one expert failed or came back short; the message names file, layer, expert and offset."""
-
 
 _COUNTERS = ("fetches", "experts", "bytes", "seconds", "hits", "misses", "missed_bytes")
 
@@ -80,69 +77,6 @@ class IOStats:
         return out
 
 
-class _LayerFiles:
-    """The layer files, each opened once and checked to hold exactly num_experts * stride bytes."""
-
-    def __init__(self, folder: Path, layout: ModelLayout, layers=None, direct: bool = False, readahead: bool = True):
-        self.fds: dict[int, int] = {}
-        self.paths: dict[int, Path] = {}
-        expected = layout.layer_bytes()
-        try:
-            for layer in layout.moe_layers if layers is None else layers:
-                if layer not in layout.moe_layers:
-                    raise ValueError(f"layer {layer} is not a MoE layer listed in {folder / 'layout.json'}")
-                path = folder / layout.layer_file(layer)
-                try:
-                    fd = open_regular(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except FileNotFoundError:
-                    raise FileNotFoundError(
-                        f"{path}: file of layer {layer} is missing (expected {expected:,} bytes); "
-                        "was the conversion interrupted?"
-                    ) from None
-                if direct:
-                    fd = _reopen_direct(path, fd)
-                elif not readahead:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                self.fds[layer], self.paths[layer] = fd, path
-                size = os.fstat(fd).st_size
-                if size != expected:
-                    raise CheckpointError(
-                        f"{path}: layer {layer} file has {size:,} bytes, expected {expected:,} "
-                        f"({layout.num_experts} experts x stride {layout.expert.stride:,}); "
-                        f"{'truncated' if size < expected else 'oversized'}, or from another conversion"
-                    )
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _reopen_direct(path: Path, fd: int) -> int:
-    """A second descriptor of the regular file open at ``fd``, reading around the page cache; closes ``fd``.
-    Opened non-blocking (a FIFO swapped in meanwhile cannot hang us) and checked to be the same file."""
-    try:
-        try:
-            direct = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | _O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            raise OSError(e.errno, f"{path}: this filesystem refuses O_DIRECT; load with direct_io=False") from None
-        a, b = os.fstat(fd), os.fstat(direct)
-        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-            os.close(direct)
-            raise CheckpointError(f"{path}: replaced while it was being opened")
-        os.set_blocking(direct, True)
-        if not _O_DIRECT:  # macOS: no O_DIRECT, but the same bypass per descriptor
-            fcntl.fcntl(direct, fcntl.F_NOCACHE, 1)
-        return direct
-    finally:
-        os.close(fd)
-
-
 class _ReadPool:
     """Persistent reader threads; each task posts exactly one result (value or exception) to its queue."""
 
@@ -172,7 +106,7 @@ class _ReadPool:
             t.join()
 
 
-def _shutdown(pool: _ReadPool, files: list[_LayerFiles], buffers, pending: list[list]) -> None:
+def _shutdown(pool: _ReadPool, files: list[LayerFiles], buffers, pending: list[list]) -> None:
     pool.shutdown()
     for f in files:
         f.close()
@@ -198,48 +132,6 @@ def _chunks(iov: list[memoryview], size: int) -> list[tuple[int, list[memoryview
     if cur:
         chunks.append((start, cur, cur_bytes))
     return chunks
-
-
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def direct_supported() -> bool:
-    return bool(_O_DIRECT) or hasattr(fcntl, "F_NOCACHE")
-
-
-def _direct_aligned(t) -> bool:
-    return t.offset % DIRECT_ALIGN == 0 and t.nbytes % DIRECT_ALIGN == 0
-
-
-def direct_readable(folder: str | Path, layout: ModelLayout, read_chunk: int) -> bool:
-    """Whether ``ExpertStore(folder, direct=True, read_chunk=...)`` can read this layout: direct I/O here, every
-    tensor 4 KiB-aligned in the file (both slot buffer kinds then align its slots too), and a filesystem that
-    accepts O_DIRECT (tmpfs and some overlays refuse it at open)."""
-    aligned = all(_direct_aligned(t) for t in layout.expert.tensors) and read_chunk % DIRECT_ALIGN == 0
-    if not (direct_supported() and aligned and layout.moe_layers):
-        return False
-    if not _O_DIRECT:
-        return True  # F_NOCACHE is per descriptor and always accepted
-    try:
-        os.close(open_regular(Path(folder) / layout.layer_file(layout.moe_layers[0]), os.O_RDONLY | _O_DIRECT))
-        return True
-    except (OSError, CheckpointError):  # refused, missing or not a regular file: the store's open says which
-        return False
-
-
-VERIFY_MODES = ("off", "sample", "full")
-SAMPLE_EVERY = 16  # verify="sample" checks experts e of a layer with (e + layer) % SAMPLE_EVERY == 0
-
-
-def experts_to_check(layout: ModelLayout, verify: str) -> np.ndarray | None:
-    """[layers, experts] mask of the experts ``verify`` hashes on first read (None for "off")."""
-    if verify == "off" or not layout.moe_layers:
-        return None
-    out = np.zeros((max(layout.moe_layers) + 1, layout.num_experts), bool)
-    for layer in layout.moe_layers:
-        step = 1 if verify == "full" else min(SAMPLE_EVERY, layout.num_experts)  # at least one per layer
-        out[layer] = (np.arange(layout.num_experts) + layer) % step == 0
-    return out
 
 
 def _probe_mode(probe_cache: bool) -> str | None:
@@ -309,7 +201,7 @@ class ExpertStore:
             raise ValueError(f"direct reads: read_chunk {read_chunk:,} is not a multiple of {DIRECT_ALIGN} bytes")
         self._read_chunk, self.direct = read_chunk, direct
         self._probe = ("direct" if probe_cache else None) if direct else _probe_mode(probe_cache)
-        self._files = _LayerFiles(self.folder, self.layout)
+        self._files = LayerFiles(self.folder, self.layout)
         # One scratch area takes the alignment padding between tensors; its content is never used.
         self._scratch = memoryview(bytearray(64))
         try:
@@ -317,7 +209,7 @@ class ExpertStore:
             self._iovecs = [self._plan(self.buffers.host_views(s)) for s in range(num_sets)]
             # verify() and checksums keep the plain descriptors; fetches read through these.
             no_readahead = not (direct or readahead) and hasattr(os, "POSIX_FADV_RANDOM")
-            self._read_files = (_LayerFiles(self.folder, self.layout, direct=direct, readahead=readahead)
+            self._read_files = (LayerFiles(self.folder, self.layout, direct=direct, readahead=readahead)
                                 if direct or no_readahead else self._files)
         except BaseException:
             self._files.close()
@@ -351,7 +243,7 @@ class ExpertStore:
             view = views[t.name]
             if view.shape != (capacity, *t.shape) or view.nbytes != capacity * t.nbytes:
                 raise ValueError(f"slot buffer {t.name}: host view {view.shape} {view.dtype} does not match {t}")
-            if self.direct and not (_direct_aligned(t) and view.ctypes.data % DIRECT_ALIGN == 0):
+            if self.direct and not (direct_aligned(t) and view.ctypes.data % DIRECT_ALIGN == 0):
                 raise ValueError(
                     f"direct reads need {DIRECT_ALIGN}-byte alignment: tensor {t.name} sits at byte "
                     f"{t.offset:,} of each expert with {t.nbytes:,} bytes, its slot buffer at address "
@@ -448,7 +340,7 @@ class ExpertStore:
         if layer not in self._files.fds:
             raise ValueError(
                 f"layer {layer} has no expert file in {self.folder}: MoE layers are "
-                f"{_ranges(self.layout.moe_layers)}"
+                f"{ranges(self.layout.moe_layers)}"
             )
         try:
             if isinstance(expert_ids, np.ndarray):
@@ -545,7 +437,7 @@ class ExpertStore:
     def verify(self, layers=None, progress: bool = False) -> list[tuple[int, int, str, str]]:
         """Re-check the checksums of layout.json with the store's open files; see ``verify``."""
         with self._lock:
-            return _verify_files(self._files, self.layout, layers, progress)
+            return verify_files(self._files, self.layout, layers, progress)
 
     def close(self) -> None:
         self._finalizer()
@@ -555,64 +447,3 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def verify(folder: str | Path, layers=None, progress: bool = True) -> list[tuple[int, int, str, str]]:
-    """Re-check every expert checksum recorded in ``folder/layout.json``, one expert at a time.
-
-    Returns:
-        The bad experts as ``(layer, expert, expected_hex, got_hex)``; empty when all match.
-    Raises ValueError when a layer has no (or a wrong number of) checksums, and the layer-file errors
-    of ``ExpertStore`` for missing or wrongly sized files.
-    """
-    folder = Path(folder)
-    layout = ModelLayout.read(folder)
-    files = _LayerFiles(folder, layout, layers)
-    try:
-        return _verify_files(files, layout, layers, progress)
-    finally:
-        files.close()
-
-
-def _verify_files(files: _LayerFiles, layout: ModelLayout, layers, progress: bool) -> list[tuple[int, int, str, str]]:
-    if layout.checksum != "blake2b-128":
-        raise ValueError(f"layout.json: unknown checksum {layout.checksum!r} (this flash_moe knows blake2b-128)")
-    layers = list(layout.moe_layers if layers is None else layers)
-    for layer in layers:
-        got = len(layout.checksums.get(layer, []))
-        if layer not in files.fds:
-            raise ValueError(f"layer {layer} has no expert file (MoE layers: {_ranges(layout.moe_layers)})")
-        if got != layout.num_experts:
-            raise ValueError(f"layout.json: layer {layer} has {got} checksums, expected {layout.num_experts}")
-    nbytes, stride = layout.expert.expert_bytes, layout.expert.stride
-    buf = bytearray(nbytes)
-    bad = []
-    todo = [(layer, e) for layer in layers for e in range(layout.num_experts)]
-    if progress:
-        from tqdm import tqdm
-
-        todo = tqdm(todo, desc="verify", unit="expert")
-    for layer, e in todo:
-        got = os.preadv(files.fds[layer], [buf], e * stride)
-        if got != nbytes:
-            raise ExpertReadError(
-                errno.EIO, f"{files.paths[layer]}: layer {layer} expert {e}: short read at byte offset "
-                f"{e * stride:,}: got {got:,} of {nbytes:,} bytes",
-            )
-        expected, digest = layout.checksums[layer][e], expert_checksum(buf)
-        if digest != expected:
-            bad.append((layer, e, expected, digest))
-    return bad
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' for error messages."""
-    out, run = [], []
-    for v in sorted(values):
-        if run and v != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(v)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out) or "none"

@@ -29,7 +29,7 @@ from flash_moe.layout import ModelLayout
 from flash_moe.load import read_packed_experts
 from flash_moe.model import ModelArgs, sanitize
 from flash_moe.safetensors_io import SafetensorsIndex
-from flash_moe.store import verify
+from flash_moe.layer_files import verify
 
 convert_mod = sys.modules["flash_moe.convert"]  # the module; flash_moe.convert is the function, as in mlx-lm
 

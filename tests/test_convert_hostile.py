@@ -35,7 +35,7 @@ from flash_moe.cli import main
 from flash_moe.convert import convert
 from flash_moe.files import LOCK_NAME, locked
 from flash_moe.layout import ModelLayout
-from flash_moe.store import verify
+from flash_moe.layer_files import verify
 
 CONFIG = dict(hf_models.QWEN3_5_CONFIGS["interval4_e8_top2"], num_experts=12, moe_intermediate_size=128)
 E, D, I = CONFIG["num_experts"], CONFIG["hidden_size"], CONFIG["moe_intermediate_size"]

@@ -126,7 +126,7 @@ def test_direct_io_cached_model_equals_resident(tmp_path, seed):
     """direct_io="auto" reads around the page cache when a device cache is in front and the layout is 4 KiB
     aligned (hidden 512, experts of 256 at 4 bits); the logits stay the resident model's."""
     import flash_moe
-    from flash_moe.store import direct_readable
+    from flash_moe.layer_files import direct_readable
 
     path = tiny_model(tmp_path, seed, hidden=512, intermediate=256)
     cached = flash_moe.load(path, dtype="float32", cache_experts=6, slots=4, direct_io="auto")

@@ -26,7 +26,7 @@ from flash_moe.generation import generate_step
 from flash_moe.layout import ExpertLayout, ModelLayout, expert_checksum
 from flash_moe.safetensors_io import read_header
 from flash_moe.sample import make_logits_processors, make_sampler
-from flash_moe.store import verify
+from flash_moe.layer_files import verify
 from flash_moe.synthetic import qwen35_397b_config, write_synthetic
 
 VOCAB = 150

@@ -10,9 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from flash_moe import layer_files
 from flash_moe import store as store_mod
 from flash_moe.layout import ExpertLayout, ModelLayout, expert_checksum
-from flash_moe.store import ExpertReadError, ExpertStore, HostSlotBuffers, verify
+from flash_moe.layer_files import ExpertReadError, verify
+from flash_moe.store import ExpertStore, HostSlotBuffers
 
 HIDDEN, INTERMEDIATE, NUM_EXPERTS, MOE_LAYERS = 128, 64, 8, (0, 1, 3)
 
@@ -439,11 +441,11 @@ def test_direct_reads_are_byte_exact_and_count_as_misses(tmp_path, rng, read_chu
     direct I/O, asking for it fails at open and says so."""
     layout = make_model(tmp_path, rng, ExpertLayout(512, 256, bits=4, dtype="bfloat16"))
     assert all(t.offset % 4096 == 0 and t.nbytes % 4096 == 0 for t in layout.expert.tensors)
-    if not store_mod.direct_supported():
+    if not layer_files.direct_supported():
         with pytest.raises(ValueError, match="direct reads need O_DIRECT"):
             ExpertStore(tmp_path, capacity=4, read_chunk=read_chunk, direct=True)
         return
-    if not store_mod.direct_readable(tmp_path, layout, read_chunk):  # the filesystem refuses O_DIRECT
+    if not layer_files.direct_readable(tmp_path, layout, read_chunk):  # the filesystem refuses O_DIRECT
         with pytest.raises(OSError, match="refuses O_DIRECT"):
             ExpertStore(tmp_path, capacity=4, read_chunk=read_chunk, direct=True)
         return
@@ -458,7 +460,7 @@ def test_direct_reads_are_byte_exact_and_count_as_misses(tmp_path, rng, read_chu
 
 def test_direct_reads_name_the_misaligned_tensor(tmp_path, rng):
     make_model(tmp_path, rng, ExpertLayout(HIDDEN, INTERMEDIATE, bits=4))  # scales of 128 x 2 bf16: 512 bytes
-    if not store_mod.direct_supported():
+    if not layer_files.direct_supported():
         with pytest.raises(ValueError, match="direct reads need O_DIRECT"):
             ExpertStore(tmp_path, capacity=2, direct=True)
         return

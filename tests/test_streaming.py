@@ -33,7 +33,7 @@ from flash_moe.checkpoint import CheckpointError
 from flash_moe.convert import convert
 from flash_moe.layout import ModelLayout
 from flash_moe.load import read_packed_experts
-from flash_moe.store import ExpertReadError, verify
+from flash_moe.layer_files import ExpertReadError, verify
 
 # Streamed vs resident, same bytes, float32 compute. On the CPU both run the same MLX ops in the same order:
 # equal to float32 rounding. On a GPU the fused expert kernels (and MLX CUDA's float32 matmuls, per shape) sum

@@ -21,7 +21,7 @@ from flash_moe.layers.moe import route
 from flash_moe.layout import ExpertLayout, ModelLayout
 from flash_moe.load import read_packed_experts
 from flash_moe.model import Model, ModelArgs
-from flash_moe.store import verify
+from flash_moe.layer_files import verify
 from flash_moe.synthetic import (QWEN35_SKEW, qwen35_397b_config, routing_stats, synthetic_bytes,
                                  write_synthetic)
 
