@@ -153,7 +153,8 @@ def convert_family(src: Path, dst: Path, config: dict, source: dict, *, bits: in
     locked, resumed or refused as for any model (``convert.destination``)."""
     from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
-    from .convert import PROGRESS, RESIDENT, TOKENIZER_FILES, destination, verify_layer
+    from .conversion_folder import PROGRESS, RESIDENT, TOKENIZER_FILES, destination
+    from .convert import verify_layer
 
     where = src / "config.json"
     src_quant = config.get("quantization")
