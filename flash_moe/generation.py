@@ -125,12 +125,17 @@ def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefi
 
 def decodes_ahead(model, cache, timer) -> bool:
     """Whether ``generate_step`` builds the next token before reading this one: only when a decode forward
-    never syncs the host (no streamed experts: each streamed layer reads its routing back, which would wait
-    for the token anyway and read the next token's experts before this one is seen), no phase timer (it
-    syncs by design), every layer cache can roll back, and FLASH_MOE_ASYNC_DECODE is not 0."""
+    never syncs the host (no streamed experts, or a device tier holding them all so that its speculative tokens
+    cannot be voided: a streamed layer reads its routing back, which would wait for the token anyway and read
+    the next token's experts before this one is seen), no phase timer (it syncs by design), every layer cache
+    can roll back, and FLASH_MOE_ASYNC_DECODE is not 0."""
     if os.environ.get("FLASH_MOE_ASYNC_DECODE", "1") == "0" or timer is not None:
         return False
-    if getattr(model, "store", None) is not None or getattr(model, "parallel", None) is not None:
+    if getattr(model, "parallel", None) is not None:
+        return False
+    tier = getattr(model, "device_cache", None)
+    certain = tier is not None and tier.speculate and tier.speculation.certain()  # speculation.py
+    if getattr(model, "store", None) is not None and not certain:
         return False
     return all(hasattr(c, "snapshot") and hasattr(c, "restore") for c in cache.layers)
 

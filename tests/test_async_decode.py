@@ -1,8 +1,9 @@
 """Decoding ahead (issue 20): ``generate_step`` builds token t+1's graph before it reads token t where a decode
-forward never syncs (resident experts). The tokens, their logprobs and the prompt cache afterwards must be
-exactly those of the loop that reads each token first (FLASH_MOE_ASYNC_DECODE=0), for greedy and sampled
+forward never syncs (resident experts, or a device tier holding them all). The tokens, their logprobs and the
+prompt cache afterwards must be exactly those of the loop that reads each token first
+(FLASH_MOE_ASYNC_DECODE=0), for greedy and sampled
 decoding, at max_tokens, and when the caller stops early (eos, a stop string): the token built ahead is then
-forgotten. Streamed and device-tier (speculating) models never decode ahead and must be unchanged too.
+forgotten. Streamed models and a device tier missing experts (speculating) never decode ahead: unchanged too.
 
 Random tiny float32 hybrid models (3 GatedDeltaNet layers + 1 attention), as in test_prompt_cache.py, and the
 shipped demo (its tokenizer and eos) loaded resident.
@@ -36,15 +37,20 @@ def folders(tmp_path_factory):
     return {"resident": hf, "streamed": conv}
 
 
-@pytest.fixture(scope="module", params=["resident", "streamed", "speculating"])
+@pytest.fixture(scope="module", params=["resident", "streamed", "speculating", "preloaded"])
 def model(request, folders):
     if request.param == "speculating":  # every one-token step a bet on a device tier of 56 of the 64 experts
         m = load(folders["streamed"], cache_experts=56)
         m.cache.should_speculate = lambda: True
+    elif request.param == "preloaded":  # a device tier holding every expert: its bets cannot be lost
+        m = load(folders["streamed"], cache_experts="all", preload=True)
     else:
         m = load(folders[request.param])
     m.kind = request.param
     yield m
+    if request.param == "preloaded":
+        totals = m.cache.totals()
+        assert totals["speculated"] > 0 and totals["misses"] == totals["voided"] == 0, totals
     m.close()
 
 
@@ -78,7 +84,7 @@ def assert_same_run(a, b, note):
 
 def test_who_decodes_ahead(model, monkeypatch):
     cache = make_prompt_cache(model)
-    assert decodes_ahead(model, cache, None) == (model.kind == "resident")
+    assert decodes_ahead(model, cache, None) == (model.kind in ("resident", "preloaded"))
     monkeypatch.setenv("FLASH_MOE_ASYNC_DECODE", "0")
     assert not decodes_ahead(model, cache, None)
 
@@ -92,6 +98,12 @@ def test_same_tokens_and_cache(model, seed, sampling, monkeypatch):
     off = decode(model, ids, n, SAMPLINGS[sampling], seed, False, monkeypatch)
     assert len(on[0]) == n, note
     assert_same_run(on, off, note)
+    if model.kind == "preloaded":  # and the tier's lazy bets equal its synchronous fetches
+        model.cache.speculate = False
+        try:
+            assert_same_run(on, decode(model, ids, n, SAMPLINGS[sampling], seed, False, monkeypatch), note)
+        finally:
+            model.cache.speculate = True
     assert on[2].tokens == ids + on[0][:-1], note  # the last sampled token is not processed
 
 
