@@ -6,7 +6,9 @@ layer. When a whole token's worth of synchronous fetches in a row found every ex
 the next token runs without it: each layer looks its experts' positions up on the device (``positions``),
 and the lookups are read back once, with the token's logits (``commit``). A lookup that found an expert
 missing voids the token: ``step`` restores the layer caches (prompt cache) and runs the token again the
-synchronous way, which reads the missing experts in.
+synchronous way, which reads the missing experts in. A tier holding every expert (``certain``) cannot lose a bet:
+its tokens skip the snapshot and the readback, so a decode forward never syncs and generation builds the next
+token before reading this one (generation.decodes_ahead).
 """
 
 from __future__ import annotations
