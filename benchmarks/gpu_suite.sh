@@ -86,6 +86,11 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
     preload_k10_peer_nofuse) step $s env FLASH_MOE_FUSED_GDN=0 FLASH_MOE_FUSED_ROUTE=0 FLASH_MOE_FUSED_ADD_NORM=0 $D --k 10 --cache-experts all --preload --peer --json "$OUT/$s.json" ;;
     preload_k4_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-2} $D --k 4 --cache-experts all --preload --json "$OUT/$s.json" ;;
     preload_k10_shapes) step $s env FLASH_MOE_GATE_UP_SPLIT=${SPLIT:-4} FLASH_MOE_DOWN_GROUPS=${DGROUPS:-5} $D --k 10 --cache-experts all --preload --json "$OUT/$s.json" ;;
+    # issue 20: decoding ahead (generate_step builds token t+1 before reading t) on the resident model, on / off
+    ahead_k4) step $s $D --k 4 --resident -g 128 -n 3 --json "$OUT/$s.json"
+      step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --resident -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
+    ahead_preload_k4) step $s $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/$s.json"
+      step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
     ceiling) step $s python3 benchmarks/disk_ceiling.py $M ;;
     pcc) step $s python3 benchmarks/page_cache_cap.py --model $M --rounds 3 --variants base readahead direct whole threads4 threads32 ;;
     tests_cuda) T=${T_TESTS:-540} step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short $TESTS_CUDA ${TESTS_MORE:-} ${TESTS_K:+-k "$TESTS_K"} ;;

@@ -35,11 +35,14 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def snapshot(self):
-        return self.keys, self.values, self.offset
+        # The offset alone: later writes land at or past it and a grow keeps the prefix, so the arrays of the
+        # moment of ``restore`` hold the same keys below it. Holding the arrays themselves would stop MLX from
+        # writing the next token's keys in place (a copy of the whole cache per token while a snapshot lives).
+        return self.offset
 
     def restore(self, saved) -> None:
-        """Back to a ``snapshot``: later writes are forgotten (used to re-run a token)."""
-        self.keys, self.values, self.offset = saved
+        """Back to a ``snapshot``: later writes are forgotten (used to re-run a token, or drop one built ahead)."""
+        self.offset = saved
 
     @property
     def state(self) -> list[mx.array]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -71,28 +72,72 @@ def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefi
         cache.checkpoint()
     if timer:
         timer.start_decode()
-    y, token = prompt[-1:], ids[-1]
-    for step in range(max_tokens):
+
+    def step(y, tokens):
+        """The lazy graph of the token after ``y``: (token, logprobs, log-normaliser)."""
         # float32: top-p's cumulative sum and the log-normaliser run over the whole vocabulary (bf16 loses both)
         logits = forward(y[None], cache.layers)[0, -1].astype(mx.float32)
-        cache.extend((token,))
         if timer:
             timer.mark_forward(logits)
         for process in logits_processors:
             logits = process(tokens, logits[None])[0]  # [1, V] as mlx-lm's processors index it
         norm = mx.logsumexp(logits, keepdims=True)
         logprobs = logits - norm
-        y = sampler(logprobs, next(keys)).reshape(1).astype(mx.int32)
-        mx.eval(y, logprobs, norm)
-        if not math.isfinite(norm.item()):  # a NaN or +inf logit makes the normaliser non-finite; already synced
-            raise CheckpointError(
-                f"token {step + 1}: the model's logits are not finite ({norm.item()}): damaged weights? Run "
-                f"`flash-moe verify {getattr(model, 'path', 'MODEL')}`, or load with verify='full'")
-        if timer:
-            timer.mark_token()
+        return sampler(logprobs, next(keys)).reshape(1).astype(mx.int32), logprobs, norm
+
+    # Ahead: token t+1's graph is built (and queued, mx.async_eval) before token t is read, so the host's graph
+    # building overlaps the device's work (mlx-lm's generate_step does the same). Only where a decode forward
+    # never syncs (see decodes_ahead); a consumer that stops early closes this generator, which forgets the
+    # token built ahead (the layer caches go back to their snapshot), so the prompt cache ends as without it.
+    ahead = decodes_ahead(model, cache, timer)
+    nxt = step(prompt[-1:], tokens) if max_tokens else None
+    cache.extend(ids[-1:])
+    for n in range(max_tokens):
+        y, logprobs, norm = nxt
+        mx.async_eval(y, logprobs, norm)
         tokens = mx.concatenate([tokens, y])
-        token = y.item()
-        yield token, logprobs
+        saved, length = None, len(cache.tokens)
+        if ahead and n + 1 < max_tokens:
+            saved = [c.snapshot() for c in cache.layers]
+            nxt = step(y, tokens)
+            mx.async_eval(nxt)
+        try:
+            if not math.isfinite(norm.item()):  # a NaN or +inf logit makes the normaliser non-finite
+                raise CheckpointError(
+                    f"token {n + 1}: the model's logits are not finite ({norm.item()}): damaged weights? Run "
+                    f"`flash-moe verify {getattr(model, 'path', 'MODEL')}`, or load with verify='full'")
+            if timer:
+                timer.mark_token()
+            token = y.item()
+            if saved is not None:
+                cache.extend((token,))
+            yield token, logprobs
+        except BaseException:  # GeneratorExit included: forget the token built ahead
+            if saved is not None:
+                for c, s in zip(cache.layers, saved):
+                    c.restore(s)
+                del cache.tokens[length:]
+            raise
+        if saved is None and n + 1 < max_tokens:
+            nxt = step(y, tokens)
+            cache.extend((token,))
+
+
+def decodes_ahead(model, cache, timer) -> bool:
+    """Whether ``generate_step`` builds the next token before reading this one: only when a decode forward
+    never syncs the host (no streamed experts, or a device tier holding them all so that its speculative tokens
+    cannot be voided: a streamed layer reads its routing back, which would wait for the token anyway and read
+    the next token's experts before this one is seen), no phase timer (it syncs by design), every layer cache
+    can roll back, and FLASH_MOE_ASYNC_DECODE is not 0."""
+    if os.environ.get("FLASH_MOE_ASYNC_DECODE", "1") == "0" or timer is not None:
+        return False
+    if getattr(model, "parallel", None) is not None:
+        return False
+    tier = getattr(model, "device_cache", None)
+    certain = tier is not None and tier.speculate and tier.speculation.certain()  # speculation.py
+    if getattr(model, "store", None) is not None and not certain:
+        return False
+    return all(hasattr(c, "snapshot") and hasattr(c, "restore") for c in cache.layers)
 
 
 @dataclass
@@ -343,10 +388,11 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
     io_before = store.stats.snapshot() if store else None
     prompt_tps = 0.0
     mx.reset_peak_memory()
-    for n, (token, logprobs) in enumerate(generate_step(
-            mx.array(ids, mx.int32), model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-            seed=seed, prefill_step_size=prefill_step_size, timer=timer, prompt_cache=prompt_cache,
-            checkpoint_at=marks), start=1):
+    # A caller that stops early drops ``steps`` (CPython closes it at once), which forgets a token built ahead.
+    steps = generate_step(
+        mx.array(ids, mx.int32), model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
+        seed=seed, prefill_step_size=prefill_step_size, timer=timer, prompt_cache=prompt_cache, checkpoint_at=marks)
+    for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps, tic = (len(ids) - cached) / (time.perf_counter() - tic), time.perf_counter()
         io = {}
@@ -354,6 +400,8 @@ def stream_generate(model, *args, prompt=None, tokenizer=None, max_tokens: int =
             now = store.stats.snapshot()
             io, io_before = now.delta(io_before).totals(), now
         delta, finish = text.add(token)
+        if finish:  # before the caller sees the end, so the prompt cache is final then
+            steps.close()
         events = parser.feed(delta) + (parser.finish() if finish else [])
         yield GenerationResponse(
             text=delta, token=token, logprobs=logprobs, prompt_tokens=len(ids), prompt_tps=prompt_tps,

@@ -6,7 +6,9 @@ layer. When a whole token's worth of synchronous fetches in a row found every ex
 the next token runs without it: each layer looks its experts' positions up on the device (``positions``),
 and the lookups are read back once, with the token's logits (``commit``). A lookup that found an expert
 missing voids the token: ``step`` restores the layer caches (prompt cache) and runs the token again the
-synchronous way, which reads the missing experts in.
+synchronous way, which reads the missing experts in. A tier holding every expert (``certain``) cannot lose a bet:
+its tokens skip the snapshot and the readback, so a decode forward never syncs and generation builds the next
+token before reading this one (generation.decodes_ahead).
 """
 
 from __future__ import annotations
@@ -26,12 +28,24 @@ class Speculation:
         self._rows: list[mx.array] | None = None  # per layer, expert -> position (-1: absent), on the device
         self._lookups: list[mx.array] | None = None  # a speculative token's lookups, and their layers
         self._layers: list[int] = []
+        self._pairs = 0  # (token, expert) pairs a layer looks up in a speculative token
+        self._holds_all: bool | None = None  # the tier holds every expert of every MoE layer (None: unknown)
 
     def fetched(self, missed: bool) -> None:
         """A synchronous fetch of the device tier happened; ``missed``: it had to fill entries."""
         self.clean = 0 if missed else self.clean + 1
         if missed:
             self._rows = None  # the device copy of the positions is stale
+            self._holds_all = None
+
+    def certain(self) -> bool:
+        """Whether no bet can be lost: the tier holds every expert of every MoE layer (a preloaded tier of
+        them all). Such a token needs no snapshot and no readback, so a decode forward never syncs."""
+        if self._holds_all is None:
+            d = self.device
+            held = d.position.reshape(-1, d.num_experts) >= 0
+            self._holds_all = bool(held[list(d.store.layout.moe_layers)].all())
+        return self._holds_all
 
     def should(self) -> bool:
         return self.enabled and self.clean >= len(self.device.store.layout.moe_layers)
@@ -54,6 +68,7 @@ class Speculation:
         found = mx.take(self._rows[layer], inds)
         self._lookups.append(found)
         self._layers.append(layer)
+        self._pairs = inds.size
         return mx.maximum(found, 0)
 
     def end(self) -> mx.array | None:
@@ -78,6 +93,15 @@ class Speculation:
     def step(self, model, tokens: mx.array, cache: list, snapshot=None, restore=None) -> mx.array:
         """Logits of one token run as a bet; a lost bet restores ``cache`` and runs it again with syncs.
         ``snapshot(c)``/``restore(c, saved)``: how to rewind a layer cache (default: its own methods)."""
+        if self.certain():  # nothing can be missing: lazy logits, the hits booked now (nothing to evict: no touch)
+            self.begin()
+            try:
+                logits = model(tokens, cache)
+            finally:
+                self.end()
+            self.speculated += 1
+            np.add.at(self.device.hits, self._layers, self._pairs)
+            return logits
         snapshot = snapshot or (lambda c: c.snapshot())
         restore = restore or (lambda c, s: c.restore(s))
         saved = [snapshot(c) for c in cache]
