@@ -17,12 +17,14 @@
 #             decode.py, one run each, same model), issue 14 (server cost at B=1 over stream_generate, goal <= 5%;
 #             serve_b's engine table ran: disk-bound, see docs), issue 20 (K=4 vs mlx-lm).
 #  2 (~500 s) STEPS="dist_cap_k4 dist_k4"   issue 17 (1, 2, 4 ring ranks on the CPUs, per-rank cap; float32 copy).
-#  3 (~450 s) STEPS=families_qwen3, then STEPS=families_dsv3 (DS_LAYERS=2 saves ~60 s)   issue 16: "flash_moe /
+#  3 (~450 s) STEPS=families_qwen3, then STEPS=families_dsv3 (DS_LAYERS=2 saves ~60 s)   issue 16 (family models
+#             now speculate: the warm line says how many tokens, 0 voided expected): "flash_moe /
 #             mlx-lm generation: X.XXx (goal >= 1.0)" and "ratio to the I/O bound R (goal >= 0.9)".
 #  4 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch h200_tiers h200_tiers_prefetch"
 #             issue 19: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, the 60-layer
 #             projection; prefetch on vs off decides prefetch_default() on CUDA.
-#  5 (~400 s) STEPS="kernels_shapes preload_k4_peer_nofuse opcount" then SPLIT/DGROUPS preload_*_shapes   issue 20.
+#  5 (~500 s) STEPS="ahead_preload_k4 kernels_shapes preload_k4_peer_nofuse opcount", then SPLIT/DGROUPS
+#             preload_*_shapes   issue 20 (ahead_*: the async overlap on vs FLASH_MOE_ASYNC_DECODE=0).
 #  6 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
 #  7 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
 # Disk (64 GB): $M at 6 layers is 22.3 GB; the float32 dist copy 12 GB; families delete their folders (--cleanup).
