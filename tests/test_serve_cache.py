@@ -14,6 +14,7 @@ anthropic = pytest.importorskip("anthropic")
 
 from conftest import seed_note
 from flash_moe.batch import Batch
+from flash_moe.generation import eos_token_ids
 from flash_moe.server import make_state
 from flash_moe.server.cache_pool import PromptCachePool
 from serving import LiveServer, model  # noqa: F401  (model: the shared fixture)
@@ -72,9 +73,12 @@ def test_anthropic_cache_read_tokens(server):
 
 
 def run(batch, ids, n, cache=None, checkpoint_at=()):
+    """``n`` tokens of one sequence through the engine, ending at eos as ``solo`` (stream_generate) does: the
+    engine itself does not stop there (the server's text stream does), and the retrained demo may end early."""
+    eos = eos_token_ids(batch.model, batch.model.tokenizer)
     seq = batch.add(ids, prompt_cache=cache, checkpoint_at=checkpoint_at)
     tokens = []
-    while len(tokens) < n:
+    while len(tokens) < n and not (tokens and tokens[-1] in eos):
         tokens += [t for s, t, _ in batch.step() if s is seq]
     return tokens, seq.cached_tokens, batch.remove(seq)
 
