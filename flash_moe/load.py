@@ -256,6 +256,17 @@ def slot_buffers(layout: ModelLayout):
     return None
 
 
+def _auto_experts(layout: ModelLayout, total: int, free_and_reserve) -> int:
+    """A tier's "auto" size: on a discrete GPU (MLX's CUDA backend) as many experts as fit in the free memory
+    ``free_and_reserve()`` reports less its reserve; elsewhere none (unified memory: the page cache wins)."""
+    from . import kernels
+
+    if kernels.BACKEND != "cuda" or not layout.expert.quantized:
+        return 0
+    free, reserve = free_and_reserve()
+    return max(0, min(total, (free - reserve) // layout.expert.expert_bytes))
+
+
 def cache_capacity(spec, layout: ModelLayout) -> int:
     """Experts an ExpertCache should hold: ``spec`` is a count, a fraction in (0, 1) of all the model's
     experts, "all", or "auto": on a discrete GPU (MLX's CUDA backend) as many as fit in its free memory
@@ -266,15 +277,13 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
     if spec == "all":
         return total
     if spec == "auto":
-        from . import kernels
+        def gpu_memory():
+            from .cuda_host import CudaRuntime
 
-        if kernels.BACKEND != "cuda" or not layout.expert.quantized:
-            return 0
-        from .cuda_host import CudaRuntime
+            free, gpu = CudaRuntime().memory()
+            return free, max(4 << 30, gpu // 10)
 
-        free, gpu = CudaRuntime().memory()
-        spare = free - max(4 << 30, gpu // 10)
-        return max(0, min(total, spare // layout.expert.expert_bytes))
+        return _auto_experts(layout, total, gpu_memory)
     bad = f"cache_experts must be a count, a fraction in (0, 1), 'all' or 'auto', got {spec!r}"
     try:
         value = float(spec)
@@ -288,9 +297,9 @@ def cache_capacity(spec, layout: ModelLayout) -> int:
 
 def host_capacity(spec, layout: ModelLayout) -> int:
     """Experts a HostExpertCache should hold: ``spec`` is a fraction in (0, 1) of all the model's experts,
-    "all", bytes (an integer >= 1, or a size such as "24G" / "24GB" / "24GiB": files.parse_bytes, binary units), or "auto": on a discrete GPU (MLX's
-    CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere none (on Apple and the CPU the
-    page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
+    "all", bytes (an integer >= 1, or a size such as "24G" / "24GiB": files.parse_bytes, binary units), or
+    "auto": on a discrete GPU (MLX's CUDA backend) the free RAM less a reserve (8 GiB or 1/8 of RAM), elsewhere
+    none (on Apple and the CPU the page cache is the RAM tier). The tiers are inclusive (the host tier keeps what it hands the device tier, as
     the page cache would): "all" holds every expert. load() skips an "auto" host tier when the device tier
     holds every expert already."""
     total = len(layout.moe_layers) * layout.num_experts
@@ -299,13 +308,12 @@ def host_capacity(spec, layout: ModelLayout) -> int:
     if spec == "all":
         return total
     if spec == "auto":
-        from . import kernels
+        def host_memory():
+            info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            free, ram = (int(info[k].split()[0]) << 10 for k in ("MemAvailable", "MemTotal"))
+            return free, max(8 << 30, ram // 8)
 
-        if kernels.BACKEND != "cuda" or not layout.expert.quantized:
-            return 0
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
-        free, ram = (int(info[k].split()[0]) << 10 for k in ("MemAvailable", "MemTotal"))
-        return min(total, max(0, free - max(8 << 30, ram // 8)) // layout.expert.expert_bytes)
+        return _auto_experts(layout, total, host_memory)
     bad = f"host_cache must be a fraction in (0, 1), bytes (e.g. 24G), 'all' or 'auto', got {spec!r}"
     try:
         fraction = float(spec)

@@ -58,3 +58,24 @@ def demo(demo_folder):
     model.tokenizer
     yield model
     model.close()
+
+
+def random_qwen35(seed: int, hidden: int = 64, head_dim: int = 16, experts: int = 8, k: int = 2,
+                  intermediate: int = 32, vocab: int = 97):
+    """A tiny in-memory Qwen3.5-MoE model (3 GatedDeltaNet layers + 1 attention), every weight drawn from
+    ``seed``, GatedDeltaNet's A_log and dt_bias too (the initialiser sets them to constants)."""
+    import mlx.core as mx
+
+    from flash_moe.model import Model, ModelArgs
+
+    args = ModelArgs(model_type="qwen3_5_moe_text", hidden_size=hidden, num_hidden_layers=4, vocab_size=vocab,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, num_experts=experts,
+                     num_experts_per_tok=k, moe_intermediate_size=intermediate,
+                     shared_expert_intermediate_size=intermediate, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=head_dim, linear_value_head_dim=head_dim)
+    mx.random.seed(seed)
+    model = Model(args)
+    model.update({"model": {"layers": [{"linear_attn": {"A_log": mx.random.normal((4,)),
+                                                        "dt_bias": mx.random.normal((4,))}} if l.is_linear else {}
+                                       for l in model.layers]}})
+    return model

@@ -10,10 +10,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import seed_note
+from conftest import random_qwen35, seed_note
 
 from flash_moe.kernels import add_rms_norm
-from flash_moe.model import Model, ModelArgs
 
 GPU_BACKENDS = [
     pytest.param("metal", marks=[pytest.mark.metal, pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal GPU")]),
@@ -22,12 +21,7 @@ GPU_BACKENDS = [
 
 
 def test_residual_steps_equal_the_layer_loop(seed):
-    args = ModelArgs(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=4, vocab_size=97,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                     moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
-                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
-    mx.random.seed(seed)
-    model = Model(args)
+    model = random_qwen35(seed)
     tokens = mx.array(np.random.default_rng(seed).integers(0, 97, (1, 6)))
     h = model.model.embed_tokens(tokens)
     want = h

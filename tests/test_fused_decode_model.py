@@ -8,12 +8,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import seed_note
+from conftest import random_qwen35, seed_note
 
 from flash_moe import kernels
 from flash_moe import model as model_module
 from flash_moe.layers import gated_delta, moe
-from flash_moe.model import Model, ModelArgs
 
 pytestmark = pytest.mark.skipif(kernels.BACKEND == "ops", reason="no GPU kernels on this backend")
 TOL = {mx.float32: 1e-4, mx.bfloat16: 5e-2}
@@ -27,15 +26,7 @@ def set_fused(monkeypatch, on: bool):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_logits_with_and_without_the_kernels(seed, dtype, monkeypatch):
-    args = ModelArgs(model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_layers=4, vocab_size=97,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
-                     moe_intermediate_size=64, shared_expert_intermediate_size=64, linear_num_key_heads=2,
-                     linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
-    mx.random.seed(seed)
-    model = Model(args)
-    model.update({"model": {"layers": [{"linear_attn": {"A_log": mx.random.normal((4,)),
-                                                        "dt_bias": mx.random.normal((4,))}} if l.is_linear else {}
-                                       for l in model.layers]}})
+    model = random_qwen35(seed, hidden=128, head_dim=32, experts=16, k=4, intermediate=64)
     model.set_dtype(dtype)
     tokens = mx.array(np.random.default_rng(seed).integers(0, 97, (1, 12)))
     runs = {}

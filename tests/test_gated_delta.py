@@ -4,6 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import random_qwen35
+
 from flash_moe.layers import gated_delta
 
 
@@ -25,17 +27,7 @@ def test_fast_equals_ops(seed, B, T, Hk, Hv, Dk, Dv):
 
 def test_model_with_ops_recurrence(seed, monkeypatch):
     """The whole model gives the same logits with the reference recurrence."""
-    from flash_moe.model import Model, ModelArgs
-
-    args = ModelArgs(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=4, vocab_size=97,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                     moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
-                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
-    mx.random.seed(seed)
-    model = Model(args)
-    model.update({"model": {"layers": [{"linear_attn": {"A_log": mx.random.normal((4,)),
-                                                        "dt_bias": mx.random.normal((4,))}} if l.is_linear else {}
-                                       for l in model.layers]}})
+    model = random_qwen35(seed)
     tokens = mx.array(np.random.default_rng(seed).integers(0, 97, (2, 11)))
     fast = model(tokens)
     monkeypatch.setattr(gated_delta, "USE_FAST", False)
