@@ -107,6 +107,7 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
       if python3 -c "import fastapi, uvicorn, openai" 2>/dev/null; then  # the server and its clients
         T=150 step ${s}_server python3 benchmarks/serve.py --model $M --k 4 --tokens 64 --batches 1 --cache-experts 0
       else echo "=== ${s}_server skipped: fastapi, uvicorn or openai missing (put their wheels in .whl/)" | tee -a "$OUT/suite.log"; fi ;;
+    serve_b_server) T=${T_SERVE:-200} step $s python3 benchmarks/serve.py --model $M --k 4 --tokens 64 --batches 1 --cache-experts 0 ;;
     bench_vs_decode) step ${s}_decode python3 benchmarks/decode.py --model $M --k 4 -p 64 -g 64 -n 3 --cache-experts ${BV_CACHE:-0} --json "$OUT/$s.json"
       step ${s}_bench python3 -m flash_moe bench --model $M -p 64 -g 64 -n 3 --k 4 --cache-experts ${BV_CACHE:-0} ;;
     dist_k4) dist_model; step $s $DB --json "$OUT/$s.json" ;;
