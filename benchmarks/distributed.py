@@ -146,7 +146,9 @@ def run(args, n: int, tmp: Path) -> list[dict]:
         + (["--cap-fraction", str(args.cap_fraction)] if args.cap_fraction is not None else []) \
         + (["--cpu"] if args.cpu else [])
     procs = []
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    # the checkout first, then the caller's path (the GPU machine's MLX lives there: replacing it lost MLX)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
     if args.cpu:
         env["FLASH_MOE_BACKEND"] = "ops"
     if n > 1 and args.backend != "ring":  # mlx.launch starts the ranks (nccl: one GPU each)
