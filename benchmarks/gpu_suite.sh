@@ -27,6 +27,8 @@
 #             preload_*_shapes   issue 20 (ahead_*: the async overlap on vs FLASH_MOE_ASYNC_DECODE=0).
 #  6 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
 #  7 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
+#  8 (~500 s) G=128 STEPS="pool_k4 pool_k10" T=150, then G=128 STEPS="graphs_k4 pool_k4_peer" T=150   issue 20: why
+#             K=4 decodes slower than K=10 (docs/benchmarks.md, session 6 analysis); tests_ops20 covers the padding.
 # Disk (64 GB): $M at 6 layers is 22.3 GB; the float32 dist copy 12 GB; families delete their folders (--cleanup).
 #        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
@@ -93,6 +95,21 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
       step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --resident -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
     ahead_preload_k4) step $s $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/$s.json"
       step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
+    # Why K=4 decodes slower than K=10 (docs/benchmarks.md, session 6). pool_*: the router's scores padded out of MLX's
+    # managed 8-byte pool (the default) against FLASH_MOE_PAD_SMALL_OUTPUTS=0 (the old sizes), alternating REPS times
+    # (one process to the next varied by ~15% at K=4); K=10 is the control (20-byte scores: the flag changes nothing).
+    # graphs_*: MLX's CUDA graph commits (MLX_MAX_MB_PER_BUFFER counts the whole device-cache arrays: a commit after
+    # every expert kernel) and no CUDA graphs at all. Run with G=128 as the numbers it answers.
+    pool_k4) for r in $(seq ${REPS:-2}); do
+        step ${s}_on$r $D --k 4 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_on$r.json"
+        step ${s}_off$r env FLASH_MOE_PAD_SMALL_OUTPUTS=0 $D --k 4 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_off$r.json"
+      done ;;
+    pool_k10) step $s $D --k 10 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/$s.json" ;;
+    pool_k4_peer) step $s $D --k 4 --cache-experts all --preload --peer --ceiling-seconds 0.5 --json "$OUT/$s.json" ;;
+    graphs_k4) for k in 4 10; do
+        step ${s}_mb_k$k env MLX_MAX_MB_PER_BUFFER=1000000 $D --k $k --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_mb_k$k.json"
+        step ${s}_off_k$k env MLX_USE_CUDA_GRAPHS=0 $D --k $k --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_off_k$k.json"
+      done ;;
     ceiling) step $s python3 benchmarks/disk_ceiling.py $M ;;
     pcc) step $s python3 benchmarks/page_cache_cap.py --model $M --rounds 3 --variants base readahead direct whole threads4 threads32 ;;
     tests_cuda) T=${T_TESTS:-540} step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short $TESTS_CUDA ${TESTS_MORE:-} ${TESTS_K:+-k "$TESTS_K"} ;;
