@@ -27,6 +27,8 @@
 #             preload_*_shapes   issue 20 (ahead_*: the async overlap on vs FLASH_MOE_ASYNC_DECODE=0).
 #  6 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
 #  7 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
+#  8 (~550 s) G=128 STEPS="pool_probe pool_k4 pool_k10" T=150, then G=128 STEPS="graphs_k4 pool_k4_peer" T=150   issue 20: why
+#             K=4 decodes slower than K=10 (docs/benchmarks.md, session 6 analysis); tests_ops20 covers the padding.
 # Disk (64 GB): $M at 6 layers is 22.3 GB; the float32 dist copy 12 GB; families delete their folders (--cleanup).
 #        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
@@ -40,7 +42,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
 # Steps that do not read $M: a call running only these neither builds it nor spends its disk.
-NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 dist_k4 dist_cap_k4 "
+NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 dist_k4 dist_cap_k4 pool_probe "
 needs_m() { local s; for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
 needs_m && { [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4; }
 TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_expert_source.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
@@ -93,6 +95,23 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
       step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --resident -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
     ahead_preload_k4) step $s $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/$s.json"
       step ${s}_off env FLASH_MOE_ASYNC_DECODE=0 $D --k 4 --cache-experts all --preload -g 128 -n 3 --json "$OUT/${s}_off.json" ;;
+    # Why K=4 decodes slower than K=10 (docs/benchmarks.md, session 6). pool_*: the router's scores padded out of MLX's
+    # managed 8-byte pool (FLASH_MOE_PAD_SMALL_OUTPUTS=1) against FLASH_MOE_PAD_SMALL_OUTPUTS=0 (the default, exact sizes), alternating REPS times
+    # (one process to the next varied by ~15% at K=4); K=10 is the control (20-byte scores: the flag changes nothing).
+    # graphs_*: MLX's CUDA graph commits (MLX_MAX_MB_PER_BUFFER counts the whole device-cache arrays: a commit after
+    # every expert kernel) and no CUDA graphs at all. Run with G=128 as the numbers it answers. pool_probe: the same A/B
+    # without a model, on and off alternating in one process (no model needed, ~1 min).
+    pool_k4) for r in $(seq ${REPS:-2}); do
+        step ${s}_on$r env FLASH_MOE_PAD_SMALL_OUTPUTS=1 $D --k 4 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_on$r.json"
+        step ${s}_off$r env FLASH_MOE_PAD_SMALL_OUTPUTS=0 $D --k 4 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_off$r.json"
+      done ;;
+    pool_probe) step $s python3 benchmarks/pool_probe.py --layers 6 --tokens 300 --rounds 4 ;;
+    pool_k10) step $s env FLASH_MOE_PAD_SMALL_OUTPUTS=1 $D --k 10 --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/$s.json" ;;
+    pool_k4_peer) step $s env FLASH_MOE_PAD_SMALL_OUTPUTS=1 $D --k 4 --cache-experts all --preload --peer --ceiling-seconds 0.5 --json "$OUT/$s.json" ;;
+    graphs_k4) for k in 4 10; do
+        step ${s}_mb_k$k env MLX_MAX_MB_PER_BUFFER=1000000 $D --k $k --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_mb_k$k.json"
+        step ${s}_off_k$k env MLX_USE_CUDA_GRAPHS=0 $D --k $k --cache-experts all --preload --ceiling-seconds 0.5 --json "$OUT/${s}_off_k$k.json"
+      done ;;
     ceiling) step $s python3 benchmarks/disk_ceiling.py $M ;;
     pcc) step $s python3 benchmarks/page_cache_cap.py --model $M --rounds 3 --variants base readahead direct whole threads4 threads32 ;;
     tests_cuda) T=${T_TESTS:-540} step $s env FLASH_MOE_BACKEND=cuda python3 -m pytest -q -rf --tb=short $TESTS_CUDA ${TESTS_MORE:-} ${TESTS_K:+-k "$TESTS_K"} ;;

@@ -68,3 +68,53 @@ def test_kernel_leading_dims_and_ties(seed, backend):
 def test_bad_k():
     with pytest.raises(ValueError, match="k = 5"):
         route_topk(mx.zeros((1, 4)), 5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("k,dtype", [(4, mx.bfloat16), (2, mx.float32), (1, mx.bfloat16)])
+@pytest.mark.parametrize("pad", [True, False])
+def test_batch1_outputs_small_enough_for_the_managed_pool(seed, backend, k, dtype, pad, monkeypatch):
+    """One token's outputs of <= 8 bytes (K = 4's bfloat16 scores): padded on CUDA (kernels.output_buffer) or not,
+    the same values as the reference."""
+    from flash_moe import kernels
+
+    monkeypatch.setattr(kernels, "PAD_SMALL_OUTPUTS", pad)
+    rng = np.random.default_rng(seed)
+    logits = mx.array(((rng.permutation(512).astype(np.float32) - 256) / 32)[None]).astype(dtype)
+    inds, scores = route_topk(logits, k, backend=backend, init_value=float("nan"))
+    assert inds.shape == scores.shape == (1, k) and scores.dtype == dtype
+    wi, ws = by_index(*route_topk_ref(logits, k))
+    gi, gs = by_index(inds, scores)
+    assert np.array_equal(gi, wi), seed_note(seed)
+    np.testing.assert_allclose(gs, ws, rtol=1e-5 if dtype == mx.float32 else 1e-2, err_msg=seed_note(seed))
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_small_outputs_get_a_buffer_past_the_managed_pool(monkeypatch, pad):
+    """kernels.launch on CUDA asks for a 16-byte flat buffer for an output of <= 8 bytes and returns its leading
+    values in the shape asked for; larger outputs, other backends and FLASH_MOE_PAD_SMALL_OUTPUTS=0 keep the shape.
+    The kernel is faked (no GPU here): it returns 0, 1, 2, ... in each buffer it is asked for."""
+    from flash_moe import kernels
+
+    asked = []
+
+    def fake_build(name, input_names, output_names, backend=None):
+        def run(*, output_shapes, output_dtypes, **kw):
+            asked.append(list(output_shapes))
+            return [mx.arange(int(np.prod(s))).astype(d).reshape(s) for s, d in zip(output_shapes, output_dtypes)]
+
+        return run
+
+    monkeypatch.setattr(kernels, "build", fake_build)
+    monkeypatch.setattr(kernels, "PAD_SMALL_OUTPUTS", pad)
+    logits = mx.zeros((1, 512), mx.bfloat16)
+    inds, scores = route_topk(logits, 4, backend="cuda")  # inds 16 bytes, scores 8 bytes
+    assert asked[-1] == ([(1, 4), (8,)] if pad else [(1, 4), (1, 4)])
+    assert inds.shape == scores.shape == (1, 4) and scores.dtype == mx.bfloat16 and inds.dtype == mx.int32
+    assert np.array_equal(np.array(scores.astype(mx.float32)), [[0, 1, 2, 3]])
+    route_topk(logits, 10, backend="cuda")  # 20 bytes of scores
+    assert asked[-1] == [(1, 10), (1, 10)]
+    route_topk(logits.astype(mx.float32), 1, backend="cuda")  # 4 bytes each
+    assert asked[-1] == ([(4,), (4,)] if pad else [(1, 1), (1, 1)])
+    route_topk(logits, 4, backend="metal")  # Metal's allocator has no such pool
+    assert asked[-1] == [(1, 4), (1, 4)]

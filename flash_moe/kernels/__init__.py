@@ -13,6 +13,7 @@ exercises the same code the Metal build compiles.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -91,6 +92,23 @@ SHARED_BYTES = {"metal": 32 * 1024, "cuda": 48 * 1024}  # static shared-memory l
 # threadgroups, and the down kernel's warps in this many expert groups; 1 and 1 is the shape measured before.
 GATE_UP_SPLIT = int(os.environ.get("FLASH_MOE_GATE_UP_SPLIT", "1"))
 DOWN_GROUPS = int(os.environ.get("FLASH_MOE_DOWN_GROUPS", "1"))
+# MLX's CUDA allocator serves every buffer of <= 8 bytes from one small pool of *managed* memory that the host
+# shares (mlx/backend/cuda/allocator.cpp, small_block_size): the sampled token and its normaliser, which the host
+# reads with .item() each token, live there. A kernel output that small (at batch 1, K = 4's bfloat16 router scores)
+# is then written and read by the GPU in pages the host keeps touching: over PCIe, or faulted back while the host
+# reads a neighbour (docs/benchmarks.md, "Why K=4 decodes slower than K=10"). ``launch`` gives such outputs a 16-byte
+# buffer on CUDA when FLASH_MOE_PAD_SMALL_OUTPUTS=1. Off by default until a CUDA run has checked its logits and
+# measured it against the exact sizes (benchmarks/gpu_suite.sh pool_* steps): a hypothesis, not yet a measurement.
+CUDA_MANAGED_POOL_BYTES = 8
+PAD_SMALL_OUTPUTS = os.environ.get("FLASH_MOE_PAD_SMALL_OUTPUTS", "0") == "1"
+
+
+def output_buffer(shape: tuple[int, ...], dtype: mx.Dtype, backend: str) -> tuple[int, ...]:
+    """The shape a kernel output is allocated with: ``shape``, or on CUDA a flat 16-byte buffer when ``shape`` would
+    fall in the managed pool (the kernels index their outputs flat, so its leading values are the output)."""
+    if backend != "cuda" or not PAD_SMALL_OUTPUTS or math.prod(shape) * dtype.size > CUDA_MANAGED_POOL_BYTES:
+        return tuple(shape)
+    return (2 * CUDA_MANAGED_POOL_BYTES // dtype.size,)
 
 
 def matvec_template(what: str, in_dim: int, out_dim: int, bits: int, group_size: int) -> dict[str, int]:
@@ -126,15 +144,21 @@ def launch(
 ) -> list[mx.array]:
     """Run kernel ``name``; ``init_value`` pre-fills the outputs (tests poison them with NaN)."""
     kernel = build(name, tuple(inputs), tuple(outputs), backend)
-    return kernel(
+    buffers = [output_buffer(shape, dtype, backend) for shape, dtype in outputs.values()]
+    results = kernel(
         inputs=list(inputs.values()),
         template=list(template.items()),
         grid=grid,
         threadgroup=(32 * template["WARPS"], 1, 1),
-        output_shapes=[shape for shape, _ in outputs.values()],
+        output_shapes=buffers,
         output_dtypes=[dtype for _, dtype in outputs.values()],
         init_value=init_value,
     )
+    # a padded output: its leading values as the shape asked for (a slice and a reshape: views, no launch)
+    return [
+        out if buffer == tuple(shape) else out[: math.prod(shape)].reshape(shape)
+        for out, buffer, (shape, _) in zip(results, buffers, outputs.values())
+    ]
 
 
 from .add_rms_norm import add_rms_norm  # noqa: E402
