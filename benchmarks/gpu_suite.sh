@@ -4,31 +4,25 @@
 # profile where it takes one) under $OUT and appending its output to $OUT/suite.log.
 # Usage: STEPS="tests resident_k4 cache_k4" LAYERS=6 bash benchmarks/gpu_suite.sh
 #
-# PLAN for the next lease (30 min of device time a session; calls of <= 590 s). Measured in session 5: a fresh
-# machine starts in ~30 s, but every fresh machine compiles MLX's CUDA kernels again (the first CUDA test files
-# took 160 s, the first decode step ~100 s more than a warm one): keep one machine warm (calls back to back,
-# idle release is 30 s). The 6-layer 397B-shaped model is written in 28-35 s. docs/benchmarks.md, "GPU runs of
-# this session's merges", says what already ran. Call A: `bash .device/install.sh park` (carry install.sh and
-# part aa); every later call: `source .device/install.sh && ...` carrying install.sh, part ab, the mlx wheel and
-# .whl (mlx-lm; for serve_b_server also fastapi, uvicorn, sse-starlette, openai and their dependencies, as
-# `pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp --platform
-# manylinux_2_17_x86_64 fastapi uvicorn sse-starlette openai`). Still to run, in order of what closes issues:
-#  1 (~450 s) LAYERS=6 T=200 STEPS="bench_vs_decode serve_b_server preload_k4_peer"   issue 15 (bench vs
-#             decode.py, one run each, same model), issue 14 (server cost at B=1 over stream_generate, goal <= 5%;
-#             serve_b's engine table ran: disk-bound, see docs), issue 20 (K=4 vs mlx-lm).
-#  2 (~500 s) STEPS="dist_cap_k4 dist_k4"   issue 17 (1, 2, 4 ring ranks on the CPUs, per-rank cap; float32 copy).
-#  3 (~450 s) STEPS=families_qwen3, then STEPS=families_dsv3 (DS_LAYERS=2 saves ~60 s)   issue 16 (family models
-#             now speculate: the warm line says how many tokens, 0 voided expected): "flash_moe /
-#             mlx-lm generation: X.XXx (goal >= 1.0)" and "ratio to the I/O bound R (goal >= 0.9)".
-#  4 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch h200_tiers h200_tiers_prefetch"
-#             issue 19: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, the 60-layer
-#             projection; prefetch on vs off decides prefetch_default() on CUDA.
-#  5 (~500 s) STEPS="ahead_preload_k4 kernels_shapes preload_k4_peer_nofuse opcount", then SPLIT/DGROUPS
-#             preload_*_shapes   issue 20 (ahead_*: the async overlap on vs FLASH_MOE_ASYNC_DECODE=0).
-#  6 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
-#  7 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
-#  8 (~550 s) G=128 STEPS="pool_probe pool_k4 pool_k10" T=150, then G=128 STEPS="graphs_k4 pool_k4_peer" T=150   issue 20: why
-#             K=4 decodes slower than K=10 (docs/benchmarks.md, session 6 analysis); tests_ops20 covers the padding.
+# PLAN for the next lease (30 min of device time a session; calls of <= 590 s). A fresh machine starts in ~30 s,
+# but compiles MLX's CUDA kernels again (the first decode step ~100 s more than a warm one): keep ONE machine warm
+# (calls back to back; idle release is 30 s; session 6 ran park + 5 calls of 137-398 s on one instance). The
+# 6-layer 397B-shaped model is written in 28 s. Call A: `bash .device/install.sh park` (carry install.sh and part
+# aa); every later call: `source .device/install.sh && ...` carrying install.sh, part ab, the mlx wheel and .whl
+# (mlx-lm and the server wheels: `pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation
+# cp --platform manylinux_2_17_x86_64 fastapi uvicorn sse-starlette openai`). Ran in session 6 (docs/benchmarks.md,
+# "GPU runs of session 6"): bench_vs_decode, serve_b_server, ahead_preload_k4, preload_k4_peer, preload_k10_peer,
+# families_qwen3, families_dsv3 (capped run killed: fixed since), dist_cap_k4, h200_tiers(_prefetch).
+# Still to run, in order of what they decide:
+#  1 (~450 s) STEPS="tests_ops20" (the padding on CUDA), then G=128 T=150 STEPS="pool_probe pool_k4 pool_k10"
+#             issue 20: is K=4's slowness MLX's managed 8-byte pool (docs/benchmarks.md, "Why K=4 decodes slower")?
+#             If padded K=4 >= K=10, make FLASH_MOE_PAD_SMALL_OUTPUTS=1 the default and run pool_k4_peer (goal 2.0x).
+#  2 (~450 s) FAM-STEPS-PLACEHOLDER
+#  3 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch"   issue 19: the 24 GB + 64 GB
+#             box: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, 60-layer projection.
+#  4 (~500 s) G=128 STEPS="graphs_k4 kernels_shapes preload_k4_peer_nofuse opcount", SPLIT/DGROUPS preload_*_shapes
+#  5 (~300 s) STEPS="ceiling pcc cap_k4"   issue 19 items 4-5 on the H200's disk.
+#  6 (~300 s) STEPS="tests_cuda cuda_diag" TESTS_CUDA=tests/test_streaming.py, then the other TESTS_CUDA files.
 # Disk (64 GB): $M at 6 layers is 22.3 GB; the float32 dist copy 12 GB; families delete their folders (--cleanup).
 #        STEPS="dist_nccl_k4" bash benchmarks/gpu_suite.sh   (2 GPUs, nvidia-h200-x2: a rank per GPU over NCCL)
 set -u
