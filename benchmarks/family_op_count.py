@@ -30,15 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flash_moe  # noqa: E402
 from benchmarks.family_synthetic import build  # noqa: E402
-from benchmarks.op_count import install_stand_ins, summary  # noqa: E402
+from benchmarks.op_count import VIEWS, install_stand_ins, summary  # noqa: E402
 from flash_moe import family_cache  # noqa: E402
+
+
+VIEWS.add("View")  # (relabelled from "View uint32" etc. in count) a dtype view of the same width shares the buffer (families.switch_outputs' slot indices)
 
 
 def count(outputs, path: Path) -> Counter:
     """Primitive labels of the graph, with each Reshape fed by a Broadcast relabelled a copy (a GPU launch)."""
     mx.export_to_dot(str(path), *[o for o in outputs if isinstance(o, mx.array)])
     text = path.read_text()
-    labels = dict(re.findall(r'(\d+) \[label ="([^"]+)"', text))
+    labels = {n: ("View" if l.startswith("View ") else l) for n, l in re.findall(r'(\d+) \[label ="([^"]+)"', text)}
     producer = dict((a, p) for p, a in re.findall(r'(\d+) -> "([^"]+)"', text))  # array -> its primitive
     c = Counter(labels.values())
     for a, p in re.findall(r'"([^"]+)" -> (\d+)', text):  # array -> the primitive it feeds
@@ -55,8 +58,8 @@ def pieces(model, cache, speculation, tmp: Path, x, tok) -> dict:
 
     def measure(name, fn):
         saved = [family_cache.snapshot(c) for c in cache]
-        if speculation is not None:
-            speculation.begin()
+        if speculation is not None:  # as Speculation.step runs a token on a tier holding every expert
+            speculation.begin(sure=speculation.certain())
         try:
             out = fn()
         finally:
