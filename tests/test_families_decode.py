@@ -7,6 +7,12 @@ per-layer shapes; here the same code runs with tiny dims, so it cannot rot betwe
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -127,3 +133,21 @@ def switches_of(model):
     from flash_moe.families import StreamedSwitch
 
     return [m for _, m in model.model.named_modules() if isinstance(m, StreamedSwitch)]
+
+
+def test_family_op_count_runs(tmp_path):
+    """benchmarks/family_op_count.py (launch counts against mlx-lm's resident model) runs against the current code
+    (in its own process: its GPU stand-ins replace MLX functions); its counts are checked for their structure."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "counts.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "family_op_count.py"), "--family", "deepseek_v3",
+                          "--reps", "2", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    for side in ("flash_moe", "mlx-lm"):
+        r = {name: v["launches"] for name, v in rows[side].items()}
+        assert r["decoder layer"] > r["attention mixer"] and r["decoder layer"] > r["MoE block (router, experts, shared)"]
+        assert r["token (embed, layers, norm, lm_head)"] >= 2 * r["decoder layer"]
+    ours, theirs = rows["flash_moe"]["MoE block (router, experts, shared)"], rows["mlx-lm"]["MoE block (router, experts, shared)"]
+    assert ours["by_kind"].get("custom kernel") == 2 and theirs["by_kind"].get("GatherQMM") == 3
