@@ -23,7 +23,7 @@
 #  3b (~450 s each) STEPS=families_ab_qwen3, then STEPS=families_ab_dsv3   issue 16 session 6 (docs/benchmarks.md "Family
 #             decode vs mlx-lm: op counts"): warm only, the default (decode ahead, fused kernels) with mlx-lm, then
 #             FLASH_MOE_FAMILY_EXPERTS=gather and FLASH_MOE_ASYNC_DECODE=0 (the old read-first loop); each prints
-#             "ms a decode token, of which building its graph on the host".
+#             "ms a decode token; alone, building its graph on the host G ms, then evaluating it E ms".
 #  4 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch h200_tiers h200_tiers_prefetch"
 #             issue 19: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, the 60-layer
 #             projection; prefetch on vs off decides prefetch_default() on CUDA.
