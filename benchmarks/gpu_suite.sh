@@ -17,7 +17,9 @@
 #  1 (~450 s) STEPS="tests_ops20" (the padding on CUDA), then G=128 T=150 STEPS="pool_probe pool_k4 pool_k10"
 #             issue 20: is K=4's slowness MLX's managed 8-byte pool (docs/benchmarks.md, "Why K=4 decodes slower")?
 #             If padded K=4 >= K=10, make FLASH_MOE_PAD_SMALL_OUTPUTS=1 the default and run pool_k4_peer (goal 2.0x).
-#  2 (~450 s) FAM-STEPS-PLACEHOLDER
+#  2 (~450 s) STEPS=families_ab_qwen3, then STEPS=families_ab_dsv3   issue 16: warm, decode ahead (default) with
+#             mlx-lm, then FLASH_MOE_FAMILY_EXPERTS=gather, then FLASH_MOE_ASYNC_DECODE=0 (docs/benchmarks.md "Family decode
+#             vs mlx-lm"; goal >= 1.0x). Then families_dsv3 for its capped run (ratio to the I/O bound, goal >= 0.9).
 #  3 (~550 s) LAYERS=6 T=150 STEPS="tier24_page tier24_direct tier24_direct_prefetch"   issue 19: the 24 GB + 64 GB
 #             box: RAM-tier hits >= 2x tier24_page's page-cache hits, tiered-bound ratio >= 0.8, 60-layer projection.
 #  4 (~500 s) G=128 STEPS="graphs_k4 kernels_shapes preload_k4_peer_nofuse opcount", SPLIT/DGROUPS preload_*_shapes
@@ -36,7 +38,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /root | tail -1
 step() { local name=$1; shift; echo "=== $name: $*" | tee -a "$OUT/suite.log"; timeout "${T:-240}" "$@" 2>&1 | grep -v "^\[transformers\]\|it/s\]\|expert/s\]" | tee -a "$OUT/suite.log"; }
 # Steps that do not read $M: a call running only these neither builds it nor spends its disk.
-NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 dist_k4 dist_cap_k4 pool_probe "
+NO_MODEL=" tests_cuda cuda_diag families families_dsv3 families_qwen3 families_ab_qwen3 families_ab_dsv3 dist_k4 dist_cap_k4 pool_probe "
 needs_m() { local s; for s in $STEPS; do case "$NO_MODEL" in *" $s "*) ;; *) return 0 ;; esac; done; return 1; }
 needs_m && { [ -f "$M/layout.json" ] || step synthetic python3 benchmarks/make_synthetic.py --out "$M" --layers "$LAYERS" --vocab 32000 --skew --resident-bits 4; }
 TESTS_CUDA=${TESTS_CUDA:-"tests/test_model.py tests/test_streaming.py tests/test_expert_cache.py tests/test_expert_source.py tests/test_store.py tests/test_kernels.py tests/test_load.py tests/test_prompt_cache.py"}
@@ -116,6 +118,13 @@ for k in (4, 10): print('mlx-lm K=%d' % k, peer_mlx_lm(Path('$M'), k, 64, $G, 3)
         --layers ${DS_LAYERS:-3} --work "$FAM" --cleanup --json "$OUT/families_dsv3.json" $FAM_ARGS
       [ $s = families_dsv3 ] || T=${T_FAM:-400} step families_qwen3 python3 benchmarks/families_decode.py --family qwen3_moe \
         --layers ${QW_LAYERS:-4} --work "$FAM" --cleanup --json "$OUT/families_qwen3.json" $FAM_ARGS ;;
+    families_ab_qwen3|families_ab_dsv3)  # issue 16, session 6: warm only; decode ahead (default) vs read-first, fused vs gather
+      if [ $s = families_ab_qwen3 ]; then fam=qwen3_moe; n=${QW_LAYERS:-4}; else fam=deepseek_v3; n=${DS_LAYERS:-2}; fi
+      W="python3 benchmarks/families_decode.py --family $fam --layers $n --work $FAM --cap-fraction -1 $FAM_ARGS"
+      T=${T_FAM:-400} step ${s}_on $W --json "$OUT/${s}_on.json"
+      T=${T_AB:-200} step ${s}_gather env FLASH_MOE_FAMILY_EXPERTS=gather $W --no-peer --json "$OUT/${s}_gather.json"
+      T=${T_AB:-200} step ${s}_readfirst env FLASH_MOE_ASYNC_DECODE=0 $W --no-peer --json "$OUT/${s}_readfirst.json"
+      rm -rf "$FAM/$fam" "$FAM/$fam-src" ;;
     serve_b) T=${T_SERVE:-420} step $s python3 benchmarks/serve.py --engine --model $M --k 4 --tokens 24 --cap-fraction 0.16 --cache-experts 0
       if python3 -c "import fastapi, uvicorn, openai" 2>/dev/null; then  # the server and its clients
         T=150 step ${s}_server python3 benchmarks/serve.py --model $M --k 4 --tokens 64 --batches 1 --cache-experts 0

@@ -11,8 +11,10 @@ attention and the KV cache stay mlx-lm's own, so each family routes as it was tr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,23 +134,64 @@ def expert_shape(switch: nn.Module) -> tuple[int, int, int]:
     return e, d, i
 
 
+# FLASH_MOE_FAMILY_EXPERTS=gather: a decode token's routed experts by mlx-lm's own ops (``gather_qmm`` per projection
+# over the device tier's slot arrays, the family's activation) instead of the fused kernels, for a GPU run to decide
+# which is faster at a family's shapes (benchmarks/gpu_suite.sh step families_gather). Default "fused".
+FAMILY_EXPERTS = os.environ.get("FLASH_MOE_FAMILY_EXPERTS", "fused")
+
+
+@functools.lru_cache(maxsize=None)
+def constant(kind: str, n: int, dtype) -> mx.array:
+    """An evaluated array: (n, 1) ones (unit scores), or (1, n) 0 .. n-1 (gather_qmm's row index of each of a
+    token's n rows). Made per call, each is a fill or arange launch per layer and token."""
+    a = mx.ones((n, 1), dtype) if kind == "ones" else mx.arange(n, dtype=dtype)[None]
+    mx.eval(a)
+    return a
+
+
+def switch_outputs(activation):
+    """mlx-lm's SwitchGLU over slot arrays, for ``StreamingExperts(compute=...)``: one token x [1, D] and its
+    slots [1, K] -> each expert's output [1, K, D], unweighted (the family's block weights them)."""
+
+    def compute(x, arrays, slots, scores, layout):
+        # gather_qmm takes uint32 indices; slots are never negative, so int32 ones are the same bits (a view, no cast)
+        idx = slots.view(mx.uint32) if slots.dtype == mx.int32 else slots.astype(mx.uint32)
+
+        def proj(name, a, rows):
+            w, cast = arrays[f"{name}.weight"], (lambda t: t if t.dtype == a.dtype else t.astype(a.dtype))
+            return mx.gather_qmm(a, w, cast(arrays[f"{name}.scales"]), cast(arrays[f"{name}.biases"]), lhs_indices=rows,
+                                 rhs_indices=idx, transpose=True, group_size=layout.group_size, bits=layout.bits)
+
+        h, one = x[:, None, None, :], constant("arange", 1, mx.uint32)  # the token's one row, for every expert
+        h = activation(proj("up_proj", h, one), proj("gate_proj", h, one))  # [1, K, 1, I]: row k for expert k
+        return proj("down_proj", h, constant("arange", idx.shape[-1], mx.uint32)).squeeze(-2)
+
+    return compute
+
+
 class StreamedSwitch(nn.Module):
     """SwitchGLU's call over an experts provider (``StreamingExperts`` or ``ResidentExperts``).
 
     ``(x [..., D], indices [..., K]) -> [..., K, D]``, unweighted: the family's block weights the K
     outputs. Each (token, k) pair becomes one row routed to one expert with score 1, so the providers'
-    fused kernels, slot reuse and once-per-chunk reads apply unchanged.
+    fused kernels, slot reuse and once-per-chunk reads apply unchanged. ``gather_activation`` (the family's,
+    from its SwitchGLU; ``StreamingExperts`` of quantized experts only): a decode token's experts by
+    ``switch_outputs`` instead (FLASH_MOE_FAMILY_EXPERTS=gather).
     """
 
-    def __init__(self, experts: nn.Module):
+    def __init__(self, experts: nn.Module, gather_activation=None):
         super().__init__()
         self.experts = experts
+        self._gather = switch_outputs(gather_activation) if gather_activation is not None else None
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         k, d = indices.shape[-1], x.shape[-1]
+        if self._gather is not None and x.size == d:  # one decode token
+            y = self.experts(x.reshape(1, d), indices.reshape(1, k), None, compute=self._gather)
+            return y.reshape(*indices.shape, d)
         rows = mx.repeat(x.reshape(-1, d), k, axis=0)
         inds = indices.reshape(-1, 1)
-        y = self.experts(rows, inds, mx.ones(inds.shape, x.dtype))
+        y = self.experts(rows, inds, constant("ones", inds.shape[0], x.dtype))
         return y.reshape(*indices.shape, d)
 
 
@@ -299,7 +342,11 @@ def load_family(path: Path, config: dict, *, dtype=None, slots: int | None = Non
         experts.update(tree_unflatten(list(packed.items())))
         return experts
 
-    model.update_modules(tree_unflatten([(p, StreamedSwitch(provider(s, layer_of(p)))) for p, s in found.items()]))
+    def switch(s, layer):
+        gather = FAMILY_EXPERTS == "gather" and stream and e.quantized and expert_form(s) == "swiglu"
+        return StreamedSwitch(provider(s, layer), s.activation if gather else None)
+
+    model.update_modules(tree_unflatten([(p, switch(s, layer_of(p))) for p, s in found.items()]))
     quantize_like(model, config.get("quantization"), set(weights))
     if not stream:  # the experts are in the tree already; resident.safetensors holds the rest
         inside = tuple(p + "." for p in found)

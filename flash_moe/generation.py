@@ -17,6 +17,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from . import family_cache
 from .files import CheckpointError
 from .model import check_token_ids
 from .prompt_cache import make_prompt_cache
@@ -98,7 +99,7 @@ def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefi
         tokens = mx.concatenate([tokens, y])
         saved, length = None, len(cache.tokens)
         if ahead and n + 1 < max_tokens:
-            saved = [c.snapshot() for c in cache.layers]
+            saved = [layer_snapshot(c) for c in cache.layers]
             nxt = step(y, tokens)
             mx.async_eval(nxt)
         try:
@@ -115,7 +116,7 @@ def _steps(prompt, model, *, max_tokens, sampler, logits_processors, seed, prefi
         except BaseException:  # GeneratorExit included: forget the token built ahead
             if saved is not None:
                 for c, s in zip(cache.layers, saved):
-                    c.restore(s)
+                    layer_restore(c, s)
                 del cache.tokens[length:]
             raise
         if saved is None and n + 1 < max_tokens:
@@ -137,7 +138,25 @@ def decodes_ahead(model, cache, timer) -> bool:
     certain = tier is not None and tier.speculate and tier.speculation.certain()  # speculation.py
     if getattr(model, "store", None) is not None and not certain:
         return False
-    return all(hasattr(c, "snapshot") and hasattr(c, "restore") for c in cache.layers)
+    return all(own_rewind(c) or family_cache.rewindable(c) for c in cache.layers)
+
+
+# A layer cache rolls back by its own snapshot/restore (flash_moe's caches) or, for the caches of the families
+# mlx-lm runs, by family_cache.py's (without it such a model would decode read-first, its graph building never
+# overlapped with the device's work).
+def own_rewind(c) -> bool:
+    return hasattr(c, "snapshot") and hasattr(c, "restore")
+
+
+def layer_snapshot(c):
+    return c.snapshot() if own_rewind(c) else family_cache.snapshot(c)
+
+
+def layer_restore(c, saved) -> None:
+    if own_rewind(c):
+        c.restore(saved)
+    else:
+        family_cache.restore(c, saved)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Speculation:
         self._lookups: list[mx.array] | None = None  # a speculative token's lookups, and their layers
         self._layers: list[int] = []
         self._pairs = 0  # (token, expert) pairs a layer looks up in a speculative token
+        self._sure = False  # this token's tier holds every expert (begin(sure=True))
         self._holds_all: bool | None = None  # the tier holds every expert of every MoE layer (None: unknown)
 
     def fetched(self, missed: bool) -> None:
@@ -55,20 +56,24 @@ class Speculation:
         """Inside a speculative token (between ``begin`` and ``end``)."""
         return self._lookups is not None
 
-    def begin(self) -> None:
+    def begin(self, sure: bool = False) -> None:
+        """Start a speculative token; ``sure``: the tier holds every expert (``certain``), so the lookups need
+        no clamp and no readback (one launch less per MoE layer)."""
         if self._rows is None:  # upload the positions table (after fills only)
             d = self.device
             table = mx.array(d.position.reshape(-1, d.num_experts).astype(np.int32))
             self._rows = [table[layer] for layer in range(table.shape[0])]
             mx.eval(self._rows)
-        self._lookups, self._layers = [], []
+        self._lookups, self._layers, self._sure = [], [], sure
 
     def positions(self, layer: int, inds: mx.array) -> mx.array:
         """Device-tier positions of ``inds`` (device ids, no sync); absent experts read position 0 and void the token."""
         found = mx.take(self._rows[layer], inds)
-        self._lookups.append(found)
         self._layers.append(layer)
         self._pairs = inds.size
+        if self._sure:
+            return found
+        self._lookups.append(found)
         return mx.maximum(found, 0)
 
     def end(self) -> mx.array | None:
@@ -94,7 +99,7 @@ class Speculation:
         """Logits of one token run as a bet; a lost bet restores ``cache`` and runs it again with syncs.
         ``snapshot(c)``/``restore(c, saved)``: how to rewind a layer cache (default: its own methods)."""
         if self.certain():  # nothing can be missing: lazy logits, the hits booked now (nothing to evict: no touch)
-            self.begin()
+            self.begin(sure=True)
             try:
                 logits = model(tokens, cache)
             finally:

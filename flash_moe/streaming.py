@@ -49,10 +49,13 @@ class StreamingExperts(nn.Module):
         self._owned = None if owned is None or owned.all() else np.asarray(owned, bool)
         self.prefetch = None
 
-    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, inds: mx.array, scores: mx.array, compute=expert_compute) -> mx.array:
+        """``compute(x, arrays, slots, scores, layout)``: the experts over the tier's or store's slot arrays
+        (default the score-weighted sum, [N, D]); another (families.switch_outputs) is for one token's K
+        experts, which always fit the slots (the per-chunk path below always sums)."""
         bet = getattr(self._source, "speculation", None)
         if bet is not None and bet.active:  # a speculative token (speculation.py): no sync
-            return expert_compute(x, self._source.arrays, bet.positions(self._layer, inds), scores, self._layout)
+            return compute(x, self._source.arrays, bet.positions(self._layer, inds), scores, self._layout)
         guess = self.prefetch.guess(self._layer, x) if self.prefetch is not None else None
         if guess is not None:
             mx.eval(inds, guess)  # one sync for both
@@ -80,7 +83,7 @@ class StreamingExperts(nn.Module):
             for source in (self._source, self._direct):  # the first tier; past its capacity, the store itself
                 if len(uniq) <= source.capacity:
                     arrays, pos = source.fetch(self._layer, uniq)  # a tier's hits cost no read
-                    y = expert_compute(x, arrays, mx.array(pos[local].astype(np.int32)), scores, self._layout)
+                    y = compute(x, arrays, mx.array(pos[local].astype(np.int32)), scores, self._layout)
                     source.consumed_by(y)
                     return y
         else:

@@ -19,7 +19,9 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 import flash_moe
 from benchmarks.family_synthetic import build
 from flash_moe import family_cache
-from flash_moe.generation import generate_step
+from flash_moe import make_prompt_cache
+from flash_moe.generation import decodes_ahead, generate_step
+from flash_moe.sample import make_sampler
 
 STEPS = 12
 
@@ -130,3 +132,56 @@ def test_speculative_family_decode_equals_synchronous(synthetic, capacity, force
     finally:
         sync.close()
         spec.close()
+
+
+def decode(model, ids, max_tokens, seed, ahead: bool, monkeypatch, stop_after=None):
+    """(tokens, logprobs, prompt cache) of one sampled run; ``stop_after``: the caller stops after that many."""
+    monkeypatch.setenv("FLASH_MOE_ASYNC_DECODE", "1" if ahead else "0")
+    cache = make_prompt_cache(model)
+    got, logprobs = [], []
+    for token, lp in generate_step(mx.array(ids, mx.int32), model, max_tokens=max_tokens, seed=seed,
+                                   sampler=make_sampler(temperature=0.9), prompt_cache=cache):
+        got.append(token)
+        logprobs.append(np.array(lp))
+        if len(got) == stop_after:
+            break
+    return got, logprobs, cache
+
+
+def assert_same_run(a, b, note):
+    """Same tokens, logprobs, cached tokens, and what attention reads of every mlx-lm cache (keys past the
+    offset are never read: the token built ahead may have written there)."""
+    assert a[0] == b[0], note
+    assert all(np.array_equal(x, y) for x, y in zip(a[1], b[1])), note
+    assert a[2].tokens == b[2].tokens, note
+    for ca, cb in zip(a[2].layers, b[2].layers):
+        assert ca.offset == cb.offset == len(a[2].tokens), note
+        for x, y in zip(ca.keys_and_values(), cb.keys_and_values()):
+            np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=note)
+
+
+def test_preloaded_family_decodes_ahead(synthetic, seed, monkeypatch):
+    """Every expert in the device tier: generation builds token t+1 before reading t (mlx-lm's caches rolled back
+    by family_cache.py when the caller stops early), with the tokens and caches of the read-first loop."""
+    family, path, _ = synthetic
+    model = flash_moe.load(path, cache_experts="all")
+    try:
+        assert not decodes_ahead(model, make_prompt_cache(model), None)  # a tier that may miss: read first
+        model.device_cache.preload()
+        assert decodes_ahead(model, make_prompt_cache(model), None)
+        rng = np.random.default_rng(seed)
+        ids, n, k = rng.integers(0, 256, 9).tolist(), int(rng.integers(2, 9)), int(rng.integers(1, 5))
+        note = f"{family} max_tokens {n}, stop after {k} " + seed_note(seed)
+        assert_same_run(decode(model, ids, n, seed, True, monkeypatch), decode(model, ids, n, seed, False, monkeypatch), note)
+        stopped = decode(model, ids, 12, seed, True, monkeypatch, stop_after=k)
+        exact = decode(model, ids, k, seed, False, monkeypatch)
+        assert_same_run(stopped, exact, note)
+        more = ids + stopped[0] + rng.integers(0, 256, 3).tolist()  # a second turn through each cache
+        monkeypatch.setenv("FLASH_MOE_ASYNC_DECODE", "1")
+        a = [t for t, _ in generate_step(mx.array(more, mx.int32), model, max_tokens=4, prompt_cache=stopped[2])]
+        b = [t for t, _ in generate_step(mx.array(more, mx.int32), model, max_tokens=4, prompt_cache=exact[2])]
+        assert a == b, note
+        totals = model.device_cache.totals()
+        assert totals["speculated"] > 0 and totals["misses"] == totals["voided"] == 0, totals
+    finally:
+        model.close()
